@@ -1,0 +1,96 @@
+"""Command line: `python -m magic_demo generate ...` (and the subcommands other modules register)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from magic_demo.presets import DEFAULT_PRESET, PRESETS, QUANTIZE_MODES, get_preset
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from magic_demo.events import StepFinished, VideoFinished, VideoStarted, WindowFinished, WindowStarted
+    from magic_demo.presets import load_pipeline
+    from magic_demo.video import VideoRequest, generate_video
+
+    preset = get_preset(args.preset)
+    try:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")  # the first-frame module does the full upload checks
+    except OSError as exc:
+        raise ValueError(f"image {args.image!r} cannot be read: {exc}") from exc
+    if image.size != (preset.width, preset.height):
+        image = image.resize((preset.width, preset.height), Image.LANCZOS)
+    req = VideoRequest(
+        image=image, prompt=args.prompt, seconds=args.seconds if args.seconds is not None else preset.seconds,
+        fps=args.fps or preset.fps, steps=args.steps or preset.steps, seed=args.seed,
+        window_frames=args.window_frames or preset.window_frames, overlap=args.overlap, condition=args.condition,
+        guidance_scale=preset.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale, extra_report={"preset": preset.name})
+    req.validate()  # fail before loading models
+    pipe = load_pipeline(preset, quantize=args.quantize)
+    bars: dict[str, tqdm] = {}
+
+    def on_event(event) -> None:
+        if isinstance(event, VideoStarted):
+            bars["windows"] = tqdm(total=event.total_windows, desc="windows", unit="win", position=0, file=sys.stderr)
+        elif isinstance(event, WindowStarted):
+            bars["steps"] = tqdm(total=req.steps, desc=f"window {event.window}/{event.total_windows} steps",
+                                 unit="step", position=1, leave=False, file=sys.stderr)
+        elif isinstance(event, StepFinished):
+            bars["steps"].update(1)
+        elif isinstance(event, WindowFinished):
+            bars["steps"].close()
+            bars["windows"].update(1)
+        elif isinstance(event, VideoFinished):
+            for bar in bars.values():
+                bar.close()
+
+    done = generate_video(pipe, req, args.out, on_event=on_event)
+    report = dict(done.report, quantize=args.quantize)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("video_path", "frames", "windows", "wall_s", "compute_s_per_video_s")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m magic_demo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="animate a first frame into a video")
+    gen.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    gen.add_argument("--image", required=True, help="first frame (PNG/JPEG/WebP)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--seconds", type=float, default=None, help="video length (default: the preset's)")
+    gen.add_argument("--fps", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None, help="sampler steps per window (default 4)")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 for random")
+    gen.add_argument("--window-frames", type=int, default=None)
+    gen.add_argument("--overlap", type=int, default=0, help="frames cross-faded between windows")
+    gen.add_argument("--condition", default="last_frame", choices=["last_frame", "last_latent"])
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="> 1 turns on classic two-pass CFG")
+    gen.add_argument("--quantize", default="int8", choices=QUANTIZE_MODES)
+    gen.add_argument("--out", default="outputs/video.mp4")
+    gen.add_argument("--report", default=None, help="write a JSON report here")
+    gen.set_defaults(func=_generate)
+
+    # subcommands from other modules
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,128 @@
+"""Model presets: plain configs naming where the components come from and the video defaults.
+
+`tiny-random` builds seeded random components in code (tests). Folder presets load every component from a
+diffusers-style folder (transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/,
+image_processor/, scheduler/), e.g. the shipped miniature under assets/ or a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from magic_demo.pipeline import MagicI2VPipeline, PromptTemplate
+from magic_demo.quantize import is_quantized, load_quantized, quantize_int8
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+QUANTIZE_MODES = ("int8", "none")
+INT8_SUBFOLDER = "transformer_int8"  # optional pre-quantized transformer beside transformer/
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    build: Optional[Callable[[], dict]] = None  # components built in code
+    path: Optional[Path] = None  # or loaded from a diffusers-style folder
+    width: int = 64
+    height: int = 64
+    buckets: tuple[tuple[int, int], ...] = ((64, 64),)  # (width, height) the first frame is fitted to
+    fps: int = 8
+    window_frames: int = 33
+    steps: int = 4
+    seconds: float = 4.0
+    guidance_scale: float = 1.0
+    prompt_template: PromptTemplate = field(default_factory=PromptTemplate)
+
+
+def _tiny_random() -> dict:
+    from magic_demo.tiny import build_tiny_components
+
+    return build_tiny_components(seed=0)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("tiny-random", "seeded random tiny components built in code (tests; output is noise)",
+               build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0),
+    ]
+}
+DEFAULT_PRESET = "tiny-random"
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
+
+
+def load_components(path: str | Path, int8_if_available: bool = True) -> dict:
+    """Load every component from a diffusers-style folder, offline (local files only)."""
+    from diffusers import (AutoencoderKLHunyuanVideo, AutoencoderTiny, FlowMatchEulerDiscreteScheduler,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, LlavaForConditionalGeneration
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"preset folder {root} does not exist")
+    vae_cls = {"AutoencoderKLHunyuanVideo": AutoencoderKLHunyuanVideo, "AutoencoderTiny": AutoencoderTiny}
+    vae_name = json.loads((root / "vae" / "config.json").read_text())["_class_name"]
+    if (root / INT8_SUBFOLDER).is_dir() and int8_if_available:
+        transformer = load_quantized(HunyuanVideoTransformer3DModel, root / INT8_SUBFOLDER)
+    else:
+        transformer = HunyuanVideoTransformer3DModel.from_pretrained(root / "transformer", local_files_only=True)
+    return dict(
+        transformer=transformer,
+        vae=vae_cls[vae_name].from_pretrained(root / "vae", local_files_only=True),
+        text_encoder=LlavaForConditionalGeneration.from_pretrained(root / "text_encoder", local_files_only=True),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True, padding_side="right"),
+        text_encoder_2=CLIPTextModel.from_pretrained(root / "text_encoder_2", local_files_only=True),
+        tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True, padding_side="right"),
+        image_processor=CLIPImageProcessor.from_pretrained(root / "image_processor", local_files_only=True),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True),
+    )
+
+
+def save_components(components: dict, path: str | Path) -> Path:
+    """Write components in the folder layout `load_components` reads (safetensors weights)."""
+    root = Path(path)
+    for name, comp in components.items():
+        if hasattr(comp, "save_pretrained"):
+            kwargs = {"safe_serialization": True} if isinstance(comp, torch.nn.Module) else {}
+            comp.save_pretrained(root / name, **kwargs)
+    return root
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_pipeline(preset: str | Preset, quantize: str = "int8", device: Optional[str | torch.device] = None
+                  ) -> MagicI2VPipeline:
+    """Build the pipeline for a preset: int8 weights (default) with fp32 activations on CPU, bf16 on CUDA."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    device = torch.device(device) if device is not None else default_device()
+    comps = preset.build() if preset.build is not None else load_components(preset.path, quantize == "int8")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        module = comps[name]
+        if not is_quantized(module) and module.dtype != dtype:
+            module.to(dtype)
+        if quantize == "int8":
+            quantize_int8(module)
+        module.to(device).eval()
+    vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    if comps["vae"].dtype != vae_dtype:
+        comps["vae"].to(dtype=vae_dtype)
+    comps["vae"].to(device).eval()
+    pipe = MagicI2VPipeline(**comps, prompt_template=preset.prompt_template)
+    pipe.preset = preset
+    return pipe

@@ -1,0 +1,237 @@
+"""The video engine: one prompt encoding per video, then the sliding window, streaming mp4, typed events.
+
+`generate_video` is synchronous and reports through a callback; `stream_video` runs it on a worker thread and
+yields the same events (what a Gradio generator consumes). A CancelToken stops it within one sampler step;
+the windows finished before the cancel are kept and written.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import random
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magic_demo.events import (CancelToken, Event, StepFinished, VideoFinished, VideoStarted, WindowFinished,
+                               WindowStarted)
+from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.sampling import MAX_STEPS, Cancelled
+from magic_demo.video_io import SegmentedMp4Writer
+from magic_demo.windows import FrameAssembler, derive_window_seed, plan_windows
+
+MAX_SECONDS = 60.0
+FPS_RANGE = (1, 60)
+MAX_SEED = 2**63 - 1
+CONDITION_MODES = ("last_frame", "last_latent")
+
+
+@dataclass
+class VideoRequest:
+    image: Image.Image
+    prompt: str
+    seconds: float = 4.0
+    fps: int = 8
+    steps: int = 4
+    seed: int = -1  # -1: random; the seed used is in the report
+    window_frames: int = 33
+    overlap: int = 0
+    condition: str = "last_frame"
+    guidance_scale: float = 1.0  # input of a CFG-distilled transformer (if it has a guidance embedding)
+    true_cfg_scale: float = 1.0  # > 1: classic two-pass CFG (explicit opt-in)
+    negative_prompt: str = ""
+    height: Optional[int] = None  # default: the image's own size
+    width: Optional[int] = None
+    max_seconds: float = MAX_SECONDS
+    extra_report: dict = field(default_factory=dict)  # e.g. preset, first-frame provenance
+
+    @property
+    def total_frames(self) -> int:
+        return int(round(self.seconds * self.fps))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad parameter and its value."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not _is_number(self.seconds) or not 0 < self.seconds <= self.max_seconds:
+            raise ValueError(f"seconds must be in (0, {self.max_seconds:g}], got {self.seconds!r}")
+        if not _is_int(self.fps) or not FPS_RANGE[0] <= self.fps <= FPS_RANGE[1]:
+            raise ValueError(f"fps must be an integer in [{FPS_RANGE[0]}, {FPS_RANGE[1]}], got {self.fps!r}")
+        if self.total_frames < 1:
+            raise ValueError(f"seconds * fps must give at least one frame, got {self.seconds!r} * {self.fps!r}")
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        if not _is_int(self.seed) or not -1 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or an integer in [0, 2**63-1], got {self.seed!r}")
+        if self.condition not in CONDITION_MODES:
+            raise ValueError(f"condition must be one of {CONDITION_MODES}, got {self.condition!r}")
+        if self.condition == "last_latent" and self.overlap:
+            raise ValueError(f"overlap must be 0 with condition='last_latent', got {self.overlap!r}")
+        if not _is_int(self.overlap) or not 0 <= self.overlap <= self.window_frames - 2:
+            raise ValueError(f"overlap must be an integer in [0, window_frames - 2 = {self.window_frames - 2}], "
+                             f"got {self.overlap!r}")
+        for name in ("guidance_scale", "true_cfg_scale"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 30:
+                raise ValueError(f"{name} must be a number in [0, 30], got {value!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _prepare_image(pipe: MagicI2VPipeline, req: VideoRequest) -> Image.Image:
+    image = req.image
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL.Image, got {type(image).__name__}")
+    width, height = req.width or image.size[0], req.height or image.size[1]
+    pipe.check_inputs(image, height, width, 1, req.steps)
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Path,
+                   on_event: Optional[Callable[[Event], None]] = None,
+                   cancel: Optional[CancelToken] = None) -> VideoFinished:
+    """Make the whole video; returns (and emits) the final VideoFinished event."""
+    emit = on_event or (lambda event: None)
+    cancel = cancel or CancelToken()
+    req.validate()
+    image = _prepare_image(pipe, req)
+    geom = pipe.geometry
+    if not geom.valid_num_frames(req.window_frames):
+        raise ValueError(f"window_frames must be {geom.temporal_ratio}k+1, got {req.window_frames!r}")
+    seed = random.randrange(0, 2**31) if req.seed == -1 else int(req.seed)
+    plans = plan_windows(req.total_frames, req.window_frames, req.overlap, geom.temporal_ratio)
+    calls_before = pipe.calls.copy()
+    t0 = time.perf_counter()
+    emit(VideoStarted(len(plans), req.total_frames, req.fps, seed))
+
+    # Prompt + reference-image tokens: once per video, reused by every window.
+    use_cfg = req.true_cfg_scale > 1.0
+    embeds = pipe.encode_prompt(req.prompt, image, req.negative_prompt if use_cfg else None)
+    prompt, negative = embeds.select(0), (embeds.select(1) if use_cfg else None)
+
+    assembler = FrameAssembler(req.total_frames, req.overlap)
+    per_window_s: list[float] = []
+    video_path: Optional[Path] = None
+    first_window_at: Optional[float] = None  # seconds from start to the first playable mp4
+    cancelled = False
+    cond_image, cond_latent = image, None
+    with SegmentedMp4Writer(out_path, req.fps) as writer:
+        for plan in plans:
+            if cancel.cancelled:
+                cancelled = True
+                break
+            tw = time.perf_counter()
+            k, n = plan.index + 1, len(plans)
+            emit(WindowStarted(k, n, plan.num_frames))
+            latent = cond_latent if cond_latent is not None else pipe.encode_image(cond_image)
+            condition = pipe.prepare_condition(latent, geom.latent_frames(plan.num_frames))
+            generator = torch.Generator().manual_seed(derive_window_seed(seed, plan.index))
+            try:
+                latents = pipe.denoise(
+                    condition, prompt, req.steps, generator, req.guidance_scale, req.true_cfg_scale, negative,
+                    callback=lambda i, _x, k=k: emit(StepFinished(k, n, i + 1, req.steps)),
+                    should_stop=lambda: cancel.cancelled)
+            except Cancelled:
+                cancelled = True
+                break
+            frames = pipe.decode(latents).numpy()
+            last = plan is plans[-1]
+            final = assembler.add(plan, frames, last)
+            if len(final):
+                writer.append(final)
+            video_path = writer.publish()
+            # Condition the next window on the frame it starts on (see windows.py).
+            if not last:
+                nxt = plans[plan.index + 1]
+                cond_image = Image.fromarray(frames[nxt.start - plan.start])
+                cond_latent = latents[:, :, -1:] if req.condition == "last_latent" else None
+            per_window_s.append(time.perf_counter() - tw)
+            if first_window_at is None:
+                first_window_at = time.perf_counter() - t0
+            emit(WindowFinished(k, n, writer.frames_written, str(video_path), per_window_s[-1]))
+        if cancelled:
+            rest = assembler.flush()
+            if len(rest):
+                writer.append(rest)
+                video_path = writer.publish()
+
+    wall = time.perf_counter() - t0
+    calls = pipe.calls - calls_before
+    frames_out = assembler.emitted if video_path else 0
+    report = dict(
+        preset=req.extra_report.get("preset", ""), frames=frames_out, requested_frames=req.total_frames,
+        fps=req.fps, seconds=frames_out / req.fps, requested_seconds=req.seconds, windows=len(plans),
+        windows_finished=len(per_window_s), window_frames=req.window_frames, overlap=req.overlap,
+        condition=req.condition, steps=req.steps, height=image.size[1], width=image.size[0],
+        transformer_calls=calls["transformer"], text_encoder_calls=calls["text_encoder"],
+        text_encoder_2_calls=calls["text_encoder_2"], vae_encode_calls=calls["vae_encode"],
+        vae_decode_calls=calls["vae_decode"], wall_s=round(wall, 4), per_window_s=[round(s, 4) for s in per_window_s],
+        time_to_first_window_s=round(first_window_at, 4) if first_window_at is not None else None,
+        compute_s_per_video_s=round(wall / (frames_out / req.fps), 4) if frames_out else None,
+        peak_rss_mb=round(peak_rss_mb(), 1), quantized=_is_quantized(pipe.transformer), seed=seed,
+        guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale, cancelled=cancelled,
+        video_path=str(video_path) if video_path else None,
+    )
+    report.update({k: v for k, v in req.extra_report.items() if k != "preset"})
+    done = VideoFinished(str(video_path) if video_path else None, report, cancelled)
+    emit(done)
+    return done
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    from magic_demo.quantize import is_quantized
+
+    return is_quantized(module)
+
+
+_END = object()
+
+
+def stream_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Path,
+                 cancel: Optional[CancelToken] = None) -> Iterator[Event]:
+    """Run `generate_video` on a worker thread and yield its events as they happen.
+
+    Errors raised by the engine are re-raised here. If the consumer stops iterating (a client went away),
+    the job is cancelled and the worker joined, so nothing keeps running in the background.
+    """
+    cancel = cancel or CancelToken()
+    events: queue.Queue = queue.Queue()
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            generate_video(pipe, req, out_path, events.put, cancel)
+        except BaseException as exc:  # handed to the consumer thread, re-raised there
+            failure.append(exc)
+        finally:
+            events.put(_END)
+
+    worker = threading.Thread(target=work, name="magic-video", daemon=True)
+    worker.start()
+    try:
+        while (event := events.get()) is not _END:
+            yield event
+        if failure:
+            raise failure[0]
+    finally:
+        if worker.is_alive():
+            cancel.cancel()
+        worker.join()

@@ -1,0 +1,91 @@
+"""Test-time sliding window: how a long video is cut into clips the I2V model can make.
+
+Timeline (frames), window size F = 9, overlap O = 2, the paper gives no detail so this is our design:
+
+    window 1  [0 1 2 3 4 5 6 7 8]
+    window 2               [6 7 8 9 ...]     conditioned on frame 6 = 8 - O of window 1
+                            ^ ^ ^
+                            | +-+-- frames 7, 8 cross-faded (old -> new)
+                            +------ conditioning frame, kept from window 1
+
+Window k+1 starts on frame `end_k - 1 - O` of window k, whose pixels condition it (re-encoded by the VAE,
+or with `condition="last_latent"` and O = 0, the last latent frame reused). Each window adds F - 1 - O new
+frames; the last window is shortened to the smallest valid length, and the output is trimmed to exactly
+`total_frames`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    index: int  # 0-based
+    start: int  # timeline index of the window's frame 0
+    num_frames: int  # valid clip length (temporal_ratio * k + 1)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_frames
+
+
+def fit_frames(needed: int, temporal_ratio: int) -> int:
+    """Smallest valid clip length (temporal_ratio*k + 1) holding `needed` frames."""
+    return 1 + temporal_ratio * math.ceil(max(needed - 1, 0) / temporal_ratio)
+
+
+def plan_windows(total_frames: int, window_frames: int, overlap: int = 0, temporal_ratio: int = 4) -> list[WindowPlan]:
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames!r}")
+    if window_frames < 2 or (window_frames - 1) % temporal_ratio:
+        raise ValueError(f"window_frames must be {temporal_ratio}k+1 and >= 2, got {window_frames!r}")
+    if not 0 <= overlap <= window_frames - 2:
+        raise ValueError(f"overlap must be between 0 and window_frames - 2 = {window_frames - 2}, got {overlap!r}")
+    plans = [WindowPlan(0, 0, min(window_frames, fit_frames(total_frames, temporal_ratio)))]
+    while plans[-1].end < total_frames:
+        start = plans[-1].end - 1 - overlap
+        plans.append(WindowPlan(len(plans), start, min(window_frames, fit_frames(total_frames - start, temporal_ratio))))
+    return plans
+
+
+def derive_window_seed(seed: int, window: int) -> int:
+    """Independent, reproducible per-window seed from the user's seed."""
+    return int(np.random.SeedSequence([int(seed), int(window)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class FrameAssembler:
+    """Turns overlapping window clips into the final frame sequence, holding back only the frames that the next
+    window will cross-fade (at most `overlap`), so memory stays flat."""
+
+    def __init__(self, total_frames: int, overlap: int):
+        self.total_frames = total_frames
+        self.overlap = overlap
+        self.emitted = 0  # timeline frames already handed out
+        self._pending: Optional[np.ndarray] = None  # frames [emitted, emitted + len) awaiting the cross-fade
+
+    def add(self, plan: WindowPlan, frames: np.ndarray, last: bool) -> np.ndarray:
+        """Add window `plan`'s frames [F, H, W, 3]; return the frames now final (may be empty)."""
+        frames = frames[: max(0, self.total_frames - plan.start)]
+        skip = self.emitted - plan.start  # frames of this window already emitted (the conditioning frame)
+        new = frames[skip:]
+        if self._pending is not None and len(self._pending):
+            n = min(len(self._pending), len(new))
+            alpha = (np.arange(1, n + 1, dtype=np.float32) / (n + 1))[:, None, None, None]
+            blended = (1 - alpha) * self._pending[:n].astype(np.float32) + alpha * new[:n].astype(np.float32)
+            new = np.concatenate([np.round(blended).astype(np.uint8), new[n:]])
+        hold = 0 if last else min(self.overlap, len(new))
+        out, self._pending = new[: len(new) - hold], new[len(new) - hold :]
+        self.emitted += len(out)
+        return out
+
+    def flush(self) -> np.ndarray:
+        """Frames still held back (used when the video is cut short, e.g. cancelled)."""
+        out = self._pending if self._pending is not None else np.zeros((0,), np.uint8)
+        self.emitted += len(out)
+        self._pending = None
+        return out
