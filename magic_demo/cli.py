@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     # subcommands from other modules
+    from magic_demo.retrieval import add_index_cli
+    add_index_cli(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ resolution buckets, the name of its source, and a JSON-serialisable ``provenance
 generation report.
 
 Uploads (:func:`load_upload`)
-    Accepted: PNG, JPEG (incl. MPO from phones), WebP, GIF, BMP, TIFF, given as a path, ``bytes``, a binary
+    Accepted: PNG, JPEG (MPO files from phones open as JPEG), WebP, GIF, BMP, TIFF, given as a path, ``bytes``, a binary
     file object or an already decoded ``PIL.Image``.
 
     * EXIF orientation is applied (phone photos come out upright).
@@ -51,7 +51,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # ~ 8660 x 5773; decoding this as RGB needs ~15
 DEFAULT_MIN_SIDE = 64
 
 # Pillow plugins tried when opening an upload; anything else is "not an image".
-UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -221,7 +221,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int], info: dict[str, 
         else:  # float images: assume [0, 1] if they look like it
             hi = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
         arr = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
+        img = Image.fromarray(arr)  # 2-D uint8 -> "L"
         info["converted_from_high_bit_depth"] = True
     if img.mode in ("RGBA", "LA", "RGBa", "La"):
         rgba = img.convert("RGBA")

@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -452,8 +453,7 @@ class RetrievalIndex:
             cap_map = {k.replace("\\", "/"): v for k, v in captions.items()}
         elif captions is not None:
             cap_map = load_captions(captions)
-        elif self.root is not None and (side := _find_sidecar(self.root)) is not None:
-            cap_map = load_captions(side)
+        sidecars: dict[Path, dict[str, str]] = {}
 
         known = {e["path"] for e in self.entries}
         todo: list[tuple[Path, str]] = []
@@ -482,9 +482,7 @@ class RetrievalIndex:
                         stats["skipped_files"].append({"path": rel, "reason": str(e)})
                         log.warning("skipping unreadable gallery image %s: %s", f, e)
                         continue
-                    caption = cap_map.get(rel) or cap_map.get(f.name)
-                    if caption is None and f.with_suffix(".txt").is_file():
-                        caption = f.with_suffix(".txt").read_text(encoding="utf-8").strip() or None
+                    caption = cap_map.get(rel) or cap_map.get(f.name) or self._sidecar_caption(f, sidecars)
                     images.append(img)
                     entries.append({"path": rel, "caption": caption})
                 if images:
@@ -497,6 +495,33 @@ class RetrievalIndex:
             self.stats[k] += stats[k]
         self.stats["skipped_files"].extend(stats["skipped_files"])
         return stats
+
+    def _sidecar_caption(self, f: Path, cache: dict[Path, dict[str, str]]) -> str | None:
+        """Caption from the nearest captions.{json,jsonl,tsv} in the image's folder or a parent folder up to the
+        gallery root (keys relative to the sidecar's folder), else from ``<image stem>.txt``."""
+        f = f.resolve()
+        stop = f.parent
+        if self.root is not None and f.is_relative_to(self.root):
+            stop = self.root
+        d = f.parent
+        while True:
+            if d not in cache:
+                side = _find_sidecar(d)
+                try:
+                    cache[d] = load_captions(side) if side is not None else {}
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("ignoring unreadable captions file %s: %s", side, e)
+                    cache[d] = {}
+            caption = cache[d].get(f.relative_to(d).as_posix())
+            if caption is not None:
+                return caption
+            if d == stop or d.parent == d:
+                break
+            d = d.parent
+        txt = f.with_suffix(".txt")
+        if txt.is_file():
+            return txt.read_text(encoding="utf-8").strip() or None
+        return None
 
     def _new_hnsw(self) -> Any:
         import faiss
@@ -639,7 +664,8 @@ class RetrievalIndex:
         if not out.exists() and backup.exists():  # an earlier save crashed between its renames: repair first
             _rename(backup, out)
         payload = self._payload(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.mkdir(tmp)  # (not mkdtemp: that would make the index directory private, 0700)
         try:
             for name, data in payload.items():
                 _write_file(tmp / name, data)
@@ -734,12 +760,13 @@ class RetrievalIndex:
         else:
             spec = model.spec if isinstance(model, ClipEmbedder) else (
                 ClipModelSpec.parse(model) if isinstance(model, str) else model)
-            if spec.model_id != recorded_id:
-                raise ModelMismatchError(
-                    f"index {index_dir} was built with model {recorded_id!r}, not {spec.model_id!r}; "
-                    "rebuild it with this model or load it with the recorded one"
-                )
             embedder = _as_embedder(model, device)
+            if embedder.model_id != recorded_id:
+                raise ModelMismatchError(
+                    f"index {index_dir} was built with model {recorded_id!r} ({dim}-d), not with "
+                    f"{embedder.model_id!r} ({embedder.dim}-d); rebuild it with this model or load it with "
+                    "the recorded one"
+                )
         if embedder is not None:
             if embedder.model_id != recorded_id:
                 raise ModelMismatchError(
