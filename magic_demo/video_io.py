@@ -1,8 +1,10 @@
 """Streaming mp4 output: frames are encoded window by window, so memory does not grow with video length.
 
-Each window's new frames become one H.264 segment; after every window the segments are joined (stream copy,
-no re-encode) into a playable mp4 of everything so far, replaced atomically so a reader never sees a
-half-written file.
+Each window's new frames become one raw H.264 segment (Annex B, no B-frames); after every window the segments
+are joined (byte concatenation, stream copy, no re-encode) into a playable mp4 of everything so far, replaced
+atomically so a reader never sees a half-written file. Raw segments carry no timestamps, so the mp4's are
+regenerated from the frame rate: frame counts are exact (an mp4 concat demuxer left gaps that decoders
+filled with duplicated frames).
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ class SegmentedMp4Writer:
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
             raise ValueError(f"frames must be a non-empty [T, H, W, 3] array, got shape {frames.shape}")
-        seg = self._dir / f"seg_{len(self._segments):05d}.mp4"
+        seg = self._dir / f"seg_{len(self._segments):05d}.h264"
         h, w = frames.shape[1:3]
         try:
             gen = imageio_ffmpeg.write_frames(str(seg), (w, h), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
-                                              macro_block_size=1, output_params=["-crf", str(self.crf)],
+                                              macro_block_size=1, output_params=["-crf", str(self.crf), "-bf", "0", "-f", "h264"],
                                               ffmpeg_log_level="error")
             gen.send(None)
             for frame in frames:
@@ -62,10 +64,9 @@ class SegmentedMp4Writer:
         """Join all segments into `path` (atomic replace) and return it."""
         if not self._segments:
             raise VideoWriteError("no frames to publish")
-        listing = self._dir / "segments.txt"
-        listing.write_text("".join(f"file '{s.name}'\n" for s in self._segments))
         tmp = self._dir / f"joined{self.path.suffix or '.mp4'}"
-        cmd = [_ffmpeg(), "-y", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing),
+        joined = "concat:" + "|".join(str(s) for s in self._segments)
+        cmd = [_ffmpeg(), "-y", "-loglevel", "error", "-f", "h264", "-framerate", str(self.fps), "-i", joined,
                "-c", "copy", "-movflags", "+faststart", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magic_demo.tiny import TinyConfig, build_tiny_components
+from magic_demo.pipeline import MagicI2VPipeline
+
+
+def test_condition_is_image_latent_in_frame0_plus_mask(tiny_pipe, first_frame):
+    latent = tiny_pipe.encode_image(first_frame)
+    c = tiny_pipe.geometry.channels
+    assert latent.shape == (1, c, 1, 32 // 8, 32 // 8)
+    cond = tiny_pipe.prepare_condition(latent, 3)
+    assert cond.shape == (1, c + 1, 3, 4, 4)  # with the noisy latent: 2C+1 transformer inputs
+    assert tiny_pipe.transformer.config.in_channels == 2 * c + 1
+    assert torch.equal(cond[:, :c, 0], latent[:, :, 0])
+    assert (cond[:, :c, 1:] == 0).all()
+    assert (cond[:, c, 0] == 1).all() and (cond[:, c, 1:] == 0).all()
+
+
+def test_prompt_embeds_prepend_image_tokens(tiny_pipe, first_frame):
+    tpl = tiny_pipe.prompt_template
+    emb = tiny_pipe.encode_prompt("a red circle moves left on a black background", first_frame)
+    n_image = tiny_pipe.text_encoder.config.image_seq_length // tpl.image_token_stride
+    assert emb.embeds.shape == (1, n_image + tpl.max_prompt_tokens + 1, tiny_pipe.text_encoder.config.text_config.hidden_size)
+    assert emb.mask[0, :n_image].all()  # image tokens always attended
+    n_words = 9 + 1  # nine words + end token
+    assert int(emb.mask[0, n_image:].sum()) == n_words
+    assert emb.pooled.shape == (1, tiny_pipe.text_encoder_2.config.hidden_size)
+    # the image tokens depend on the image, the text tokens on the prompt
+    other = tiny_pipe.encode_prompt("a red circle moves left on a black background", first_frame.rotate(90))
+    assert not torch.allclose(emb.embeds[:, :n_image], other.embeds[:, :n_image])
+
+
+def test_negative_prompt_shares_one_encoder_call(tiny_pipe, first_frame):
+    before = tiny_pipe.calls["text_encoder"]
+    emb = tiny_pipe.encode_prompt("a red circle", first_frame, negative_prompt="")
+    assert tiny_pipe.calls["text_encoder"] == before + 1
+    assert emb.embeds.shape[0] == 2 and emb.select(1).embeds.shape[0] == 1
+
+
+def test_one_clip_shape_and_calls(tiny_pipe, first_frame):
+    before = tiny_pipe.calls.copy()
+    frames = tiny_pipe(first_frame, "a red circle moves left", num_frames=9, steps=3, seed=0)
+    assert frames.shape == (9, 32, 32, 3) and frames.dtype == torch.uint8
+    delta = tiny_pipe.calls - before
+    assert delta["transformer"] == 3 and delta["text_encoder"] == 1
+
+
+def test_classic_cfg_only_when_asked(tiny_pipe, first_frame):
+    before = tiny_pipe.calls["transformer"]
+    tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, true_cfg_scale=4.0)
+    assert tiny_pipe.calls["transformer"] - before == 4
+
+
+def test_guidance_input_reaches_a_cfg_distilled_transformer(first_frame):
+    comps = build_tiny_components(seed=0, cfg=TinyConfig(guidance_embeds=True))
+    pipe = MagicI2VPipeline(**comps)
+    assert pipe.has_guidance_input
+    a = pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, guidance_scale=1.0)
+    b = pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, guidance_scale=6.0)
+    assert pipe.calls["transformer"] == 4  # still one forward per step
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_non_rgb_images_are_refused(tiny_pipe, first_frame, mode):
+    with pytest.raises(ValueError, match="image must be RGB"):
+        tiny_pipe(first_frame.convert(mode), "x", num_frames=5, steps=1)
+
+
+@pytest.mark.parametrize("size", [(30, 32), (32, 40)])
+def test_size_must_be_multiple_of_16(tiny_pipe, size):
+    img = Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8))
+    with pytest.raises(ValueError, match="(height|width) must be a positive multiple of 16"):
+        tiny_pipe(img, "x", num_frames=5, steps=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(num_frames=6), "num_frames"), (dict(num_frames=5, steps=0), "steps"),
+                                          (dict(num_frames=5, steps=51), "steps")])
+def test_bad_clip_arguments(tiny_pipe, first_frame, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe(first_frame, "x", **kwargs)

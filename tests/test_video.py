@@ -1,0 +1,126 @@
+import math
+
+import numpy as np
+import pytest
+
+from magic_demo.events import (CancelToken, StepFinished, VideoFinished, VideoStarted, WindowFinished,
+                               WindowStarted)
+from magic_demo.video import VideoRequest, generate_video, stream_video
+from magic_demo.video_io import read_video
+
+
+def make_request(image, **kw):
+    base = dict(image=image, prompt="a red circle moves left on a black background", seconds=2.0, fps=8, steps=2,
+                seed=7, window_frames=9)
+    base.update(kw)
+    return VideoRequest(**base)
+
+
+@pytest.mark.parametrize("seconds,fps,steps", [(1.0, 8, 2), (2.5, 8, 4), (3.0, 5, 1), (0.25, 4, 2)])
+def test_counts_and_exact_frames(tiny_pipe, first_frame, tmp_path, seconds, fps, steps):
+    req = make_request(first_frame, seconds=seconds, fps=fps, steps=steps)
+    done = generate_video(tiny_pipe, req, tmp_path / "v.mp4")
+    r = done.report
+    frames, read_fps = read_video(done.video_path)
+    assert len(frames) == round(seconds * fps) == r["frames"]
+    assert read_fps == fps and frames.shape[1:] == (32, 32, 3)
+    assert r["text_encoder_calls"] == 1 and r["text_encoder_2_calls"] == 1  # once per video
+    assert r["transformer_calls"] == steps * r["windows"]
+    assert r["vae_decode_calls"] == r["windows"] and r["vae_encode_calls"] == r["windows"]
+    assert r["windows"] == len(r["per_window_s"]) == math.ceil(max(0, r["frames"] - 9) / 8) + 1
+
+
+def test_last_latent_condition_skips_reencoding(tiny_pipe, first_frame, tmp_path):
+    done = generate_video(tiny_pipe, make_request(first_frame, seconds=3.0, condition="last_latent"), tmp_path / "v.mp4")
+    assert done.report["windows"] == 3 and done.report["vae_encode_calls"] == 1
+    assert len(read_video(done.video_path)[0]) == 24
+
+
+def test_same_seed_same_video_other_seed_differs(tiny_pipe, first_frame, tmp_path):
+    a = read_video(generate_video(tiny_pipe, make_request(first_frame), tmp_path / "a.mp4").video_path)[0]
+    b = read_video(generate_video(tiny_pipe, make_request(first_frame), tmp_path / "b.mp4").video_path)[0]
+    c = read_video(generate_video(tiny_pipe, make_request(first_frame, seed=8), tmp_path / "c.mp4").video_path)[0]
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
+
+
+def test_random_seed_is_reported(tiny_pipe, first_frame, tmp_path):
+    events = []
+    done = generate_video(tiny_pipe, make_request(first_frame, seed=-1, seconds=1.0), tmp_path / "v.mp4", events.append)
+    assert 0 <= done.report["seed"] and events[0].seed == done.report["seed"]
+
+
+@pytest.mark.parametrize("overlap", [0, 2])
+def test_cancel_in_window_3_keeps_windows_1_and_2(tiny_pipe, first_frame, tmp_path, overlap):
+    token = CancelToken()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if isinstance(e, StepFinished) and e.window == 3 and e.step == 1:
+            token.cancel()
+
+    req = make_request(first_frame, seconds=5.0, steps=3, overlap=overlap)
+    done = generate_video(tiny_pipe, req, tmp_path / "v.mp4", on_event, token)
+    assert done.cancelled and done.report["windows_finished"] == 2
+    # window 3 stopped after its first step: no more transformer calls than 2 full windows + 1 step
+    assert done.report["transformer_calls"] == 2 * 3 + 1
+    frames, _ = read_video(done.video_path)
+    assert len(frames) == 9 + (9 - 1 - overlap) == done.report["frames"]
+    assert isinstance(events[-1], VideoFinished) and events[-1].cancelled
+
+
+def test_cancel_before_start_writes_nothing(tiny_pipe, first_frame, tmp_path):
+    token = CancelToken()
+    token.cancel()
+    done = generate_video(tiny_pipe, make_request(first_frame), tmp_path / "v.mp4", cancel=token)
+    assert done.cancelled and done.video_path is None and done.report["frames"] == 0
+
+
+def test_event_stream_order_and_growing_video(tiny_pipe, first_frame, tmp_path):
+    events = list(stream_video(tiny_pipe, make_request(first_frame, seconds=3.0, steps=2), tmp_path / "v.mp4"))
+    kinds = [type(e) for e in events]
+    assert kinds[0] is VideoStarted and kinds[-1] is VideoFinished
+    assert kinds[1:-1] == [WindowStarted, StepFinished, StepFinished, WindowFinished] * 3
+    finished = [e for e in events if isinstance(e, WindowFinished)]
+    assert [e.frames_written for e in finished] == [9, 17, 24]
+
+
+def test_stream_reraises_engine_errors(tiny_pipe, first_frame, tmp_path):
+    with pytest.raises(ValueError, match="seconds"):
+        list(stream_video(tiny_pipe, make_request(first_frame, seconds=0), tmp_path / "v.mp4"))
+
+
+def test_closing_the_stream_cancels_the_job(tiny_pipe, first_frame, tmp_path):
+    stream = stream_video(tiny_pipe, make_request(first_frame, seconds=20.0, steps=2), tmp_path / "v.mp4")
+    for e in stream:
+        if isinstance(e, WindowFinished):
+            break
+    stream.close()  # a client went away: the worker is cancelled and joined
+    frames, _ = read_video(tmp_path / "v.mp4")
+    assert 9 <= len(frames) < 160
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(seconds=0), "seconds"), (dict(seconds=-1), "seconds"), (dict(seconds=61), "seconds"),
+    (dict(seconds=float("nan")), "seconds"), (dict(fps=0), "fps"), (dict(fps=1000), "fps"), (dict(fps=7.5), "fps"),
+    (dict(steps=0), "steps"), (dict(steps=1000), "steps"), (dict(seed=-2), "seed"), (dict(seed=2**70), "seed"),
+    (dict(seed="1"), "seed"), (dict(overlap=8), "overlap"), (dict(condition="middle"), "condition"),
+    (dict(window_frames=10), "window_frames"), (dict(seconds=0.01, fps=8), "at least one frame"),
+])
+def test_bad_requests_name_the_parameter(tiny_pipe, first_frame, tmp_path, kw, name):
+    with pytest.raises(ValueError, match=name):
+        generate_video(tiny_pipe, make_request(first_frame, **kw), tmp_path / "v.mp4")
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_bad_image_modes(tiny_pipe, first_frame, tmp_path, mode):
+    with pytest.raises(ValueError, match="image must be RGB"):
+        generate_video(tiny_pipe, make_request(first_frame.convert(mode)), tmp_path / "v.mp4")
+
+
+def test_image_is_resized_to_requested_size(tiny_pipe, first_frame, tmp_path):
+    done = generate_video(tiny_pipe, make_request(first_frame.resize((64, 64)), width=32, height=32, seconds=1.0),
+                          tmp_path / "v.mp4")
+    assert read_video(done.video_path)[0].shape[1:3] == (32, 32)
