@@ -37,6 +37,8 @@ class Preset:
     seconds: float = 4.0
     guidance_scale: float = 1.0
     prompt_template: PromptTemplate = field(default_factory=PromptTemplate)
+    text_to_image: Optional[Callable[[], object]] = None  # builds a first_frame.TextToImage
+    gallery_index: Optional[Path] = None  # retrieval index folder (RetrievalIndex.load)
 
 
 def _tiny_random() -> dict:
@@ -45,11 +47,18 @@ def _tiny_random() -> dict:
     return build_tiny_components(seed=0)
 
 
+def _tiny_text_to_image():
+    from magic_demo.first_frame import TextToImage
+
+    return TextToImage.tiny_random(seed=0)
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("tiny-random", "seeded random tiny components built in code (tests; output is noise)",
-               build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0),
+               build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0,
+               text_to_image=_tiny_text_to_image, gallery_index=ASSETS / "gallery_index"),
     ]
 }
 DEFAULT_PRESET = "tiny-random"

@@ -1,0 +1,40 @@
+"""Magic 1-For-1 web demo: `python app.py [--preset P] [--host H] [--port N]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def estimate_gpu_seconds(seconds: float) -> int:
+    """ZeroGPU duration for a request: start-up margin plus the length (the miniature runs < 1 s per second)."""
+    return int(30 + 2 * float(seconds or 0))
+
+
+def main(argv=None) -> None:
+    from magic_demo.presets import ASSETS, DEFAULT_PRESET, PRESETS
+    from magic_demo.service import DemoService
+    from magic_demo.ui import build_app
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    parser.add_argument("--quantize", default="int8", choices=["int8", "none"])
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--outputs", default="outputs", help="folder for videos (old files are cleaned)")
+    parser.add_argument("--queue-size", type=int, default=16, help="waiting jobs before new ones are refused")
+    parser.add_argument("--concurrency", type=int, default=1, help="generations at once per model")
+    args = parser.parse_args(argv)
+
+    service = DemoService(args.preset, quantize=args.quantize, outputs_dir=args.outputs)
+    service.warm_up()
+    demo = build_app(service)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(service.outputs_dir), str(ASSETS)],
+                max_file_size="20mb", footer_links=["api"])
+
+
+if __name__ == "__main__":
+    main()
