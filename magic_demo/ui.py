@@ -121,15 +121,19 @@ def build_app(service: DemoService) -> gr.Blocks:
                         t2i_seed = gr.Number(label="Image seed (-1 = random)", value=-1, precision=0)
                         t2i_btn = gr.Button("Generate first frame")
                     with gr.Tab("Retrieve"):
-                        query = gr.Textbox(label="Query (empty: the prompt)")
+                        query = gr.Textbox(label="Query (follows the prompt; edit to search for something else)")
                         k = gr.Slider(1, 16, value=4, step=1, label="Matches")
                         search_btn = gr.Button("Search gallery")
                         gallery = gr.Gallery(label="Matches (click one to pick it)", columns=4, height=220)
                         hits = gr.JSON(value=[], label="Match details", visible=False)
                     with gr.Tab("Upload"):
-                        gr.Markdown("Drop an image on the first-frame box (PNG, JPEG or WebP).")
-                image = gr.Image(label="First frame", type="filepath", sources=["upload"], elem_id="first-frame",
+                        upload = gr.File(label="Upload an image (PNG, JPEG or WebP)", file_types=["image"],
+                                         type="filepath", elem_id="upload")
+                image = gr.Image(label="First frame", type="filepath", interactive=False, elem_id="first-frame",
                                  height=256)
+                # What /generate reads: a plain file, so a bad upload through the API reaches our own checks
+                # (and their specific messages) instead of failing in the image component's decoder.
+                frame_file = gr.File(visible=False)
                 info = gr.JSON(label="First frame source", value={})
             with gr.Column():
                 with gr.Accordion("Settings", open=False):
@@ -155,12 +159,14 @@ def build_app(service: DemoService) -> gr.Blocks:
 
         t2i_btn.click(first_frame, [prompt, t2i_seed], [image, info], api_name="first_frame",
                       concurrency_id="model")
-        search_btn.click(lambda q, p, n: retrieve(q or p, n), [query, prompt, k], [gallery, hits],
+        prompt.change(lambda p: p, [prompt], [query], api_name=False)  # the query defaults to the prompt
+        search_btn.click(retrieve, [query, k], [gallery, hits],
                          api_name="retrieve")
         gallery.select(pick, [hits], [image, info], api_name=False)
-        image.upload(uploaded, [image], [image, info], api_name=False)
+        upload.upload(uploaded, [upload], [image, info], api_name=False)
+        image.change(lambda p: p, [image], [frame_file], api_name=False)
         info.change(lambda d: d, [info], [provenance], api_name=False)
-        gen_btn.click(generate, [image, prompt, seconds, fps, steps, seed, overlap, provenance],
+        gen_btn.click(generate, [frame_file, prompt, seconds, fps, steps, seed, overlap, provenance],
                       [video, status, report, seed], api_name="generate", concurrency_id="model")
         stop_btn.click(stop, None, [status], api_name="stop", concurrency_limit=None)
     return demo
