@@ -8,11 +8,6 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def estimate_gpu_seconds(seconds: float) -> int:
-    """ZeroGPU duration for a request: start-up margin plus the length (the miniature runs < 1 s per second)."""
-    return int(30 + 2 * float(seconds or 0))
-
-
 def main(argv=None) -> None:
     from magic_demo.presets import ASSETS, DEFAULT_PRESET, PRESETS
     from magic_demo.service import DemoService
@@ -21,7 +16,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     parser.add_argument("--quantize", default="int8", choices=["int8", "none"])
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
+    # Local runs bind to loopback only; on Hugging Face Spaces (SPACE_ID set) the container must listen on all.
+    default_host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
+    parser.add_argument("--host", default=default_host, help="bind address (0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--outputs", default="outputs", help="folder for videos (old files are cleaned)")
     parser.add_argument("--queue-size", type=int, default=16, help="waiting jobs before new ones are refused")

@@ -13,6 +13,11 @@ from typing import Optional
 
 import gradio as gr
 
+try:  # Hugging Face ZeroGPU: GPU work runs inside spaces.GPU; elsewhere the package is absent
+    import spaces
+except ImportError:
+    spaces = None
+
 from magic_demo.events import StepFinished, VideoFinished, VideoStarted, WindowFinished, WindowStarted
 from magic_demo.first_frame import FirstFrame
 from magic_demo.service import DemoService, VideoSettings
@@ -25,6 +30,14 @@ def _save_frame(service: DemoService, frame: FirstFrame) -> str:
     path = service.new_output_path(".png")
     frame.image.save(path)
     return str(path)
+
+
+def estimate_gpu_seconds(seconds) -> int:
+    """ZeroGPU reservation for one request: a start-up margin plus 2 s per second of video."""
+    try:
+        return int(30 + 2 * min(float(seconds), MAX_SECONDS))
+    except (TypeError, ValueError):
+        return 30
 
 
 def _session(request: Optional[gr.Request]) -> str:
@@ -104,6 +117,10 @@ def build_app(service: DemoService) -> gr.Blocks:
             raise gr.Error(str(exc)) from None
         except OSError as exc:  # e.g. the outputs folder cannot be written
             raise gr.Error(f"could not write the video: {exc}") from None
+
+    if spaces is not None:
+        generate = spaces.GPU(duration=lambda image_path, prompt, seconds, *rest, **kw: estimate_gpu_seconds(seconds))(
+            generate)
 
     def stop(request: gr.Request = None):
         return "Stopping after the current step..." if service.stop(_session(request)) else "Nothing is running."

@@ -134,3 +134,10 @@ def _png(tmp_path):
     path = tmp_path / "ok.png"
     Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(path)
     return path
+
+
+def test_gpu_duration_estimate_grows_with_length():
+    from magic_demo.ui import estimate_gpu_seconds
+
+    assert estimate_gpu_seconds(5) < estimate_gpu_seconds(60) == 150
+    assert estimate_gpu_seconds("nonsense") == 30 and estimate_gpu_seconds(1e9) == 150
