@@ -168,13 +168,13 @@ def latent_scale(model, num_clips=16, num_frames=9):
     return 1.0 / max(float(z.std()), 1e-6), float(z.mean())
 
 
-def export(model, export_dir, metrics, arch, step):
+def export(model, export_dir, metrics, arch, step, num_clips=16):
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    scale, mean = latent_scale(model)
+    scale, mean = latent_scale(model, num_clips)
     model.register_to_config(scaling_factor=scale)
     model.save_pretrained(export_dir, safe_serialization=True)
-    save_grid(model, export_dir / "reconstructions.png")
+    save_grid(model, export_dir / "reconstructions.png", num_clips=min(4, num_clips))
     info = dict(metrics, arch=arch, step=step, scaling_factor=scale, latent_mean=mean,
                 per_frame=is_per_frame(model), size=64, fps=8)
     (export_dir / "metrics.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -233,7 +233,7 @@ def train(args):
 
     def checkpoint():
         nonlocal best
-        m = evaluate(model, num_frames=args.eval_frames)
+        m = evaluate(model, num_clips=args.eval_clips, num_frames=args.eval_frames)
         say(f"eval step {step}: PSNR {m['psnr']:.2f} dB, shape colour err {m['shape_colour_err']:.1f}, "
             f"bg colour err {m['bg_colour_err']:.1f}, colour acc {m['colour_acc']:.2f}, "
             f"motion acc {m['motion_acc']:.2f}, latent std {m['latent_std']:.3f}")
@@ -247,7 +247,7 @@ def train(args):
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(m, step=step, time=time.time())) + "\n")
         if improved and args.export:
-            export(model, args.export, m, args.arch, step)
+            export(model, args.export, m, args.arch, step, args.eval_clips)
             say(f"exported best weights (PSNR {best:.2f} dB) to {args.export}")
 
     while True:
@@ -295,6 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="clips per step")
     p.add_argument("--frames", type=int, default=2, help="frames per clip (1+4k for the temporal VAE)")
     p.add_argument("--eval-frames", type=int, default=9)
+    p.add_argument("--eval-clips", type=int, default=16, help="held-out clips for evaluation and scaling")
     p.add_argument("--curriculum", action="store_true", help="temporal VAE: mix 1/5/9/17-frame clips")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)

@@ -1,0 +1,33 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from magic_demo.train import vae as tv
+
+
+@pytest.mark.parametrize("arch,frames", [("test-tiny", 2), ("test-hv", 5)])
+def test_train_resume_export(tmp_path, arch, frames):
+    out, exp = tmp_path / "run", tmp_path / "export"
+    common = ["--out", str(out), "--arch", arch, "--frames", str(frames), "--batch", "2", "--export", str(exp),
+              "--log-every", "1", "--eval-frames", "5", "--eval-clips", "2"]
+    assert tv.main(common + ["--steps", "2"]) == 2
+    ck = torch.load(out / "ckpt_latest.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 2 and {"model", "optimizer", "rng"} <= set(ck)
+    assert tv.main(common + ["--steps", "3"]) == 3  # resumes and continues the count
+    assert "resumed from" in (out / "log.txt").read_text()
+    assert torch.load(out / "ckpt_latest.pt", map_location="cpu", weights_only=False)["step"] == 3
+
+    assert (exp / "diffusion_pytorch_model.safetensors").exists() and (exp / "reconstructions.png").exists()
+    cfg = json.loads((exp / "config.json").read_text())
+    assert cfg["scaling_factor"] > 0
+    model = tv.prepare_model(tv.build_model(arch).__class__.from_pretrained(exp))
+    T = 5
+    x, _, _ = tv.make_batch([1, 2], T)
+    with torch.no_grad():
+        z = tv.encode(model, x)
+        y = tv.decode(model, z)
+    assert z.shape[-1] == 64 // 8
+    assert y.shape[:2] == (2, 3) and y.shape[-2:] == (64, 64) and y.shape[2] >= T
+    assert np.isfinite(y.numpy()).all()
