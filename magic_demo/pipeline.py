@@ -116,16 +116,21 @@ class MagicI2VPipeline(DiffusionPipeline):
         return ids, mask, crop_start + n_image - 1
 
     @torch.inference_mode()
-    def encode_prompt(self, prompt: str, image: Image.Image, negative_prompt: Optional[str] = None) -> PromptEmbeds:
+    def encode_prompt(self, prompt: str | list[str], image: Image.Image | list[Image.Image],
+                      negative_prompt: Optional[str] = None) -> PromptEmbeds:
         """One LLaVA forward (image tokens prepended to text tokens) and one CLIP forward for all texts.
 
-        With a negative prompt the batch holds [prompt, negative] and PromptEmbeds.select(1) is the negative.
+        A list of prompts (with one image each) gives a batch (training). With a negative prompt the batch
+        holds [prompt, negative] and PromptEmbeds.select(1) is the negative.
         """
         tpl = self.prompt_template
-        texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        images = [image] * len(texts) if isinstance(image, Image.Image) else list(image)
+        if negative_prompt is not None:
+            texts, images = texts + [negative_prompt], images + images[:1]
         device = self.text_encoder.device
         ids, mask, crop_start = self._llava_inputs(texts)
-        pixels = self.image_processor(images=[image] * len(texts), return_tensors="pt").pixel_values
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         out = self.text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 pixel_values=pixels.to(device, self.text_encoder.dtype), output_hidden_states=True)
         hidden = out.hidden_states[tpl.hidden_layer]

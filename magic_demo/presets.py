@@ -53,12 +53,21 @@ def _tiny_text_to_image():
     return TextToImage.tiny_random(seed=0)
 
 
+def _mini_text_to_image():
+    from magic_demo.mini_t2i import load_mini_text_to_image
+
+    return load_mini_text_to_image(ASSETS / "mini" / "t2i")
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("tiny-random", "seeded random tiny components built in code (tests; output is noise)",
                build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0,
                text_to_image=_tiny_text_to_image, gallery_index=ASSETS / "gallery_index"),
+        Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini)",
+               path=ASSETS / "mini", width=64, height=64, buckets=((64, 64),), fps=8, window_frames=17,
+               seconds=4.0, text_to_image=_mini_text_to_image, gallery_index=ASSETS / "gallery_index"),
     ]
 }
 DEFAULT_PRESET = "tiny-random"
@@ -71,31 +80,39 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
 
 
-def load_components(path: str | Path, int8_if_available: bool = True) -> dict:
-    """Load every component from a diffusers-style folder, offline (local files only)."""
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor",
+              "scheduler")
+
+
+def load_component(root: Path, name: str, int8_if_available: bool = True):
+    """Load one component from its subfolder of a diffusers-style preset folder, offline."""
     from diffusers import (AutoencoderKLHunyuanVideo, AutoencoderTiny, FlowMatchEulerDiscreteScheduler,
                            HunyuanVideoTransformer3DModel)
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, LlavaForConditionalGeneration
 
+    sub = root / name
+    if name == "transformer" and int8_if_available and (root / INT8_SUBFOLDER).is_dir():
+        return load_quantized(HunyuanVideoTransformer3DModel, root / INT8_SUBFOLDER)
+    if not sub.is_dir():
+        raise FileNotFoundError(f"preset folder {root} lacks {name}/")
+    if name == "vae":
+        vae_cls = {"AutoencoderKLHunyuanVideo": AutoencoderKLHunyuanVideo, "AutoencoderTiny": AutoencoderTiny}
+        return vae_cls[json.loads((sub / "config.json").read_text())["_class_name"]].from_pretrained(
+            sub, local_files_only=True)
+    if name.startswith("tokenizer"):
+        return AutoTokenizer.from_pretrained(sub, local_files_only=True, padding_side="right")
+    cls = {"transformer": HunyuanVideoTransformer3DModel, "text_encoder": LlavaForConditionalGeneration,
+           "text_encoder_2": CLIPTextModel, "image_processor": CLIPImageProcessor,
+           "scheduler": FlowMatchEulerDiscreteScheduler}[name]
+    return cls.from_pretrained(sub, local_files_only=True)
+
+
+def load_components(path: str | Path, int8_if_available: bool = True, names=COMPONENTS) -> dict:
+    """Load components from a diffusers-style folder, offline (local files only)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"preset folder {root} does not exist")
-    vae_cls = {"AutoencoderKLHunyuanVideo": AutoencoderKLHunyuanVideo, "AutoencoderTiny": AutoencoderTiny}
-    vae_name = json.loads((root / "vae" / "config.json").read_text())["_class_name"]
-    if (root / INT8_SUBFOLDER).is_dir() and int8_if_available:
-        transformer = load_quantized(HunyuanVideoTransformer3DModel, root / INT8_SUBFOLDER)
-    else:
-        transformer = HunyuanVideoTransformer3DModel.from_pretrained(root / "transformer", local_files_only=True)
-    return dict(
-        transformer=transformer,
-        vae=vae_cls[vae_name].from_pretrained(root / "vae", local_files_only=True),
-        text_encoder=LlavaForConditionalGeneration.from_pretrained(root / "text_encoder", local_files_only=True),
-        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True, padding_side="right"),
-        text_encoder_2=CLIPTextModel.from_pretrained(root / "text_encoder_2", local_files_only=True),
-        tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True, padding_side="right"),
-        image_processor=CLIPImageProcessor.from_pretrained(root / "image_processor", local_files_only=True),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True),
-    )
+    return {name: load_component(root, name, int8_if_available) for name in names}
 
 
 def save_components(components: dict, path: str | Path) -> Path:

@@ -1,0 +1,187 @@
+"""Train the miniature I2V teacher: rectified flow on the procedural world, exactly the real conditioning.
+
+The frozen VAE (trained first, `magic_demo.train.vae`) turns world clips into latents; the frozen, seeded
+LLaVA-style text encoder (Llama text + CLIP vision, so the image-token path is exercised) and CLIP text
+encoder read the captions. The `HunyuanVideoTransformer3DModel` (latent_concat, 2C+1 inputs) learns the
+velocity n - x0 of x_t = sigma*n + (1-sigma)*x0, with captions dropped 10% of the time (for CFG).
+
+    python -m magic_demo.train.i2v --out runs/i2v --vae assets/mini/vae --minutes 120
+
+Resumable: the latest checkpoint in --out is picked up. Every checkpoint exports the whole preset folder
+(transformer + frozen components) to --export, the folder the `mini` preset loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magic_demo import world
+from magic_demo.autoencoder import encode_video
+from magic_demo.evaluate import evaluate_i2v
+from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.presets import load_components, save_components
+from magic_demo.sampling import make_scheduler
+from magic_demo.tiny import (TinyConfig, build_clip_text, build_image_processor, build_text_encoder, build_transformer,
+                             build_word_tokenizer)
+
+MINI = TinyConfig(latent_channels=16, heads=4, head_dim=32, rope_axes_dim=(8, 12, 12), double_layers=2,
+                  single_layers=2, refiner_layers=1, text_hidden=64, text_layers=2, vision_image_size=32,
+                  vision_patch=8, clip_hidden=64, patch_size=2)
+FROZEN = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
+
+
+def build_frozen_text(cfg: TinyConfig, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer()
+    return dict(text_encoder=build_text_encoder(cfg, len(tok)).eval(), tokenizer=tok,
+                text_encoder_2=build_clip_text(cfg, len(tok)).eval(), tokenizer_2=build_word_tokenizer(),
+                image_processor=build_image_processor(cfg), scheduler=make_scheduler())
+
+
+def sample_batch(step: int, batch: int, frames: int, size: int, fps: int, seed: int, dropout: float):
+    rng = np.random.default_rng([seed, step])
+    specs = [world.sample_spec(rng) for _ in range(batch)]
+    clips = np.stack([world.render_clip(s, frames, size, fps) for s in specs])  # [B, T, H, W, 3]
+    captions = [world.caption(s) if rng.random() >= dropout else "" for s in specs]
+    firsts = [Image.fromarray(c[0]) for c in clips]
+    video = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+    return video, captions, firsts
+
+
+def train_sigmas(batch: int, generator: torch.Generator, shift: float = 3.0) -> torch.Tensor:
+    """Training noise levels: uniform, shifted toward high noise (inference samples with shift 5, 4 steps)."""
+    u = torch.rand(batch, generator=generator)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/i2v")
+    p.add_argument("--vae", default="assets/mini/vae")
+    p.add_argument("--export", default=None, help="preset folder to write at each checkpoint (e.g. assets/mini)")
+    p.add_argument("--minutes", type=float, default=60)
+    p.add_argument("--max-steps", type=int, default=10**9)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--text-dropout", type=float, default=0.1)
+    p.add_argument("--ckpt-minutes", type=float, default=5)
+    p.add_argument("--eval-clips", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="mini", choices=["mini", "test"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train.log", "a", buffering=1)
+
+    def say(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+
+    # Frozen components (VAE snapshot + seeded text encoders) are written once and reused across restarts:
+    # the transformer must ship with exactly the components it was trained against.
+    frozen_dir = out / "frozen"
+    if not frozen_dir.is_dir():
+        staging = out / "frozen.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(args.vae, staging / "vae", ignore=shutil.ignore_patterns("*.png", "*.md"))
+        save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed), staging)
+        staging.rename(frozen_dir)
+    comps = load_components(frozen_dir, names=FROZEN)
+    comps["vae"].eval().requires_grad_(False)
+    vae = comps["vae"]
+    c = vae.config.latent_channels
+    cfg = MINI if args.config == "mini" else TinyConfig(patch_size=2)
+    transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c}))
+    pipe = MagicI2VPipeline(transformer=transformer, **comps)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    step, best = 0, -1.0
+    ckpt = out / "ckpt.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        transformer.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, best = state["step"], state.get("best", -1.0)
+        say(f"resumed at step {step}")
+    n_params = sum(p.numel() for p in transformer.parameters())
+    say(f"transformer {n_params / 1e6:.2f}M params, batch {args.batch} x {args.frames} frames, lr {args.lr}")
+    gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+    t_end = time.time() + 60 * args.minutes
+    t_ckpt = time.time() + 60 * args.ckpt_minutes
+    losses = []
+    while time.time() < t_end and step < args.max_steps:
+        transformer.train()
+        video, captions, firsts = sample_batch(step, args.batch, args.frames, args.size, args.fps, args.seed,
+                                               args.text_dropout)
+        with torch.no_grad():
+            x0 = encode_video(vae, video)
+            emb = pipe.encode_prompt(captions, firsts)
+            embeds, mask, pooled = emb.embeds.clone(), emb.mask.clone(), emb.pooled.clone()
+        cond = pipe.prepare_condition(x0[:, :, :1], x0.shape[2])
+        sigma = train_sigmas(len(x0), gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = s * noise + (1 - s) * x0
+        pred = transformer(hidden_states=torch.cat([xt, cond], 1), timestep=sigma * 1000.0,
+                           encoder_hidden_states=embeds, encoder_attention_mask=mask, pooled_projections=pooled,
+                           return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 25 == 0:
+            say(f"step {step} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e}")
+        if time.time() >= t_ckpt or time.time() >= t_end or step >= args.max_steps:
+            transformer.eval()
+            score = evaluate_i2v(pipe, n=args.eval_clips, steps=4, num_frames=args.frames, fps=args.fps,
+                                 size=args.size)
+            metric = score.motion_accuracy + 0.5 * score.colour_kept
+            say(f"step {step} eval (4 steps, {score.clips} held-out clips): {score.as_dict()}")
+            torch.save({"model": transformer.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "best": max(best, metric)}, out / "ckpt.tmp")
+            (out / "ckpt.tmp").replace(ckpt)
+            if metric >= best and args.export:
+                best = metric
+                export(pipe, Path(args.export), frozen_dir, step, score)
+                say(f"exported step {step} to {args.export}")
+            t_ckpt = time.time() + 60 * args.ckpt_minutes
+    say(f"done at step {step}")
+
+
+def export(pipe: MagicI2VPipeline, dest: Path, frozen_dir: Path, step: int, score) -> None:
+    """Write transformer + the frozen components it was trained with (VAE snapshot included) into the preset
+    folder, each subfolder staged first and swapped in, so a crash never leaves a half-written component."""
+    staging = dest / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.transformer.save_pretrained(staging / "transformer", safe_serialization=True)
+    for name in FROZEN:
+        shutil.copytree(frozen_dir / name, staging / name)
+    for name in ("transformer", *FROZEN):
+        shutil.rmtree(dest / name, ignore_errors=True)
+        (staging / name).rename(dest / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    (dest / "training.json").write_text(json.dumps({"i2v_step": step, "eval": score.as_dict()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
