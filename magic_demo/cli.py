@@ -61,6 +61,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from magic_demo.convert import convert_transformer, read_checkpoint
+
+    config = json.loads(Path(args.config).read_text()) if args.config else None
+    model, report = convert_transformer(read_checkpoint(args.checkpoint), config, allow_partial=args.allow_partial)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model.to(dtype).save_pretrained(args.out, safe_serialization=True, max_shard_size="5GB")
+    print(json.dumps({"out": args.out, "parameters": sum(p.numel() for p in model.parameters()), **report}))
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from magic_demo.presets import save_prequantized
+
+    out = save_prequantized(args.preset, args.out)
+    print(json.dumps({"out": str(out), "int8": sorted(p.name for p in Path(out).glob("*_int8"))}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m magic_demo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--report", default=None, help="write a JSON report here")
     gen.set_defaults(func=_generate)
 
+    conv = sub.add_parser("convert", help="original Magic 1-For-1 / HunyuanVideo DiT checkpoint -> diffusers folder")
+    conv.add_argument("--from", dest="source", choices=["magic141"], required=True)
+    conv.add_argument("checkpoint", help=".pth (loaded with weights_only=True) or .safetensors")
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--config", default=None, help="transformer config JSON (default: the Magic 1-For-1 DiT)")
+    conv.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    conv.add_argument("--allow-partial", action="store_true", help="load even with missing/unexpected keys")
+    conv.set_defaults(func=_convert)
+
+    quant = sub.add_parser("quantize", help="save a preset with int8 transformer and text encoders")
+    quant.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    quant.add_argument("--out", required=True)
+    quant.set_defaults(func=_quantize)
+
     # subcommands from other modules
     from magic_demo.retrieval import add_index_cli
     add_index_cli(sub)
@@ -93,6 +128,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

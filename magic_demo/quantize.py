@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 QMAP_FILE = "quantization_map.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Non-persistent buffers (rotary frequencies, position ids) are not in state_dict, and a model rebuilt on the meta
+# device would get them uninitialised: they are stored beside the weights under this prefix.
+BUFFER_PREFIX = "__buffer__."
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
@@ -43,6 +46,7 @@ def save_quantized(model, out_dir: str | Path) -> Path:
     if not is_quantized(model):
         raise ValueError("model is not quantized; call quantize_int8 first")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state.update({BUFFER_PREFIX + k: b.contiguous() for k, b in model.named_buffers() if k not in state})
     save_file(state, out / WEIGHTS_FILE)
     (out / QMAP_FILE).write_text(json.dumps(quantization_map(model), indent=1))
     if hasattr(model, "save_config"):  # diffusers
@@ -63,5 +67,10 @@ def load_quantized(model_cls, in_dir: str | Path, device: str | torch.device = "
             model = model_cls.from_config(model_cls.load_config(src))
         else:
             model = model_cls(model_cls.config_class.from_json_file(src / CONFIG_FILE))
-    requantize(model, load_file(src / WEIGHTS_FILE), json.loads((src / QMAP_FILE).read_text()), device=device)
+    state = load_file(src / WEIGHTS_FILE)
+    buffers = {k[len(BUFFER_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(BUFFER_PREFIX)}
+    requantize(model, state, json.loads((src / QMAP_FILE).read_text()), device=device)
+    for name, tensor in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attr, tensor.to(device), persistent=False)
     return model.eval()
