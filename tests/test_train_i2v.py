@@ -7,6 +7,7 @@ from PIL import Image
 
 from magic_demo.presets import Preset, load_pipeline
 from magic_demo.train import i2v
+from magic_demo.train.batches import sample_clips
 
 
 def tiny_vae_folder(path):
@@ -39,9 +40,9 @@ def test_i2v_trainer_checkpoints_resumes_and_exports_a_loadable_preset(tmp_path)
 
 
 def test_training_batches_follow_the_world_grammar():
-    video, captions, firsts = i2v.sample_batch(step=0, batch=4, frames=5, size=32, fps=8, seed=0, dropout=0.0)
+    video, captions, firsts = sample_clips(step=0, batch=4, frames=5, size=32, fps=8, seed=0, dropout=0.0)
     assert video.shape == (4, 3, 5, 32, 32) and video.min() >= -1 and video.max() <= 1
     assert all(" on a " in c and c.endswith("background") for c in captions)
     assert firsts[0].size == (32, 32)
-    _, dropped, _ = i2v.sample_batch(step=0, batch=64, frames=1, size=32, fps=8, seed=0, dropout=0.5)
+    _, dropped, _ = sample_clips(step=0, batch=64, frames=1, size=32, fps=8, seed=0, dropout=0.5)
     assert 10 < dropped.count("") < 54  # captions dropped for CFG training

@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from magic_demo import world
-from magic_demo.autoencoder import encode_video
 from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components, save_components
 from magic_demo.sampling import make_scheduler
+from magic_demo.train.batches import encode_batch, noise_levels, sample_clips, velocity
 from magic_demo.tiny import (TinyConfig, build_clip_text, build_image_processor, build_text_encoder, build_transformer,
                              build_word_tokenizer)
 
@@ -44,22 +42,6 @@ def build_frozen_text(cfg: TinyConfig, seed: int = 0) -> dict:
     return dict(text_encoder=build_text_encoder(cfg, len(tok)).eval(), tokenizer=tok,
                 text_encoder_2=build_clip_text(cfg, len(tok)).eval(), tokenizer_2=build_word_tokenizer(),
                 image_processor=build_image_processor(cfg), scheduler=make_scheduler())
-
-
-def sample_batch(step: int, batch: int, frames: int, size: int, fps: int, seed: int, dropout: float):
-    rng = np.random.default_rng([seed, step])
-    specs = [world.sample_spec(rng) for _ in range(batch)]
-    clips = np.stack([world.render_clip(s, frames, size, fps) for s in specs])  # [B, T, H, W, 3]
-    captions = [world.caption(s) if rng.random() >= dropout else "" for s in specs]
-    firsts = [Image.fromarray(c[0]) for c in clips]
-    video = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
-    return video, captions, firsts
-
-
-def train_sigmas(batch: int, generator: torch.Generator, shift: float = 3.0) -> torch.Tensor:
-    """Training noise levels: uniform, shifted toward high noise (inference samples with shift 5, 4 steps)."""
-    u = torch.rand(batch, generator=generator)
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def main(argv=None) -> None:
@@ -125,21 +107,13 @@ def main(argv=None) -> None:
     losses = []
     while time.time() < t_end and step < args.max_steps:
         transformer.train()
-        video, captions, firsts = sample_batch(step, args.batch, args.frames, args.size, args.fps, args.seed,
-                                               args.text_dropout)
-        with torch.no_grad():
-            x0 = encode_video(vae, video)
-            emb = pipe.encode_prompt(captions, firsts)
-            embeds, mask, pooled = emb.embeds.clone(), emb.mask.clone(), emb.pooled.clone()
-        cond = pipe.prepare_condition(x0[:, :, :1], x0.shape[2])
-        sigma = train_sigmas(len(x0), gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        batch = encode_batch(pipe, *sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
+                                                 args.text_dropout))
+        sigma = noise_levels(len(batch.x0), gen)
+        noise = torch.randn(batch.x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1, 1)
-        xt = s * noise + (1 - s) * x0
-        pred = transformer(hidden_states=torch.cat([xt, cond], 1), timestep=sigma * 1000.0,
-                           encoder_hidden_states=embeds, encoder_attention_mask=mask, pooled_projections=pooled,
-                           return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        pred = velocity(transformer, s * noise + (1 - s) * batch.x0, sigma, batch)
+        loss = torch.nn.functional.mse_loss(pred, noise - batch.x0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr

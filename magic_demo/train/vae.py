@@ -207,14 +207,20 @@ def train(args):
     random.seed(args.seed)
     data_rng = np.random.default_rng(args.seed)
     model = prepare_model(build_model(args.arch))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.freeze_encoder:
+        # Keeps the latent space fixed (so a denoiser can train on it) while the decoder keeps improving.
+        model.encoder.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     step, best = 0, -1.0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["arch"] != args.arch:
             raise SystemExit(f"{ckpt_path} holds arch {ck['arch']!r}, not {args.arch!r}")
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        if ck.get("freeze_encoder", False) == args.freeze_encoder:
+            opt.load_state_dict(ck["optimizer"])
+        else:
+            say("trainable parameters changed (--freeze-encoder): starting a fresh optimizer")
         step, best = ck["step"], ck.get("best_psnr", -1.0)
         set_rng_state(ck["rng"], data_rng)
         say(f"resumed from {ckpt_path} at step {step} (best held-out PSNR {best:.2f} dB)")
@@ -242,6 +248,7 @@ def train(args):
             best = m["psnr"]
         tmp = out / "ckpt_latest.pt.tmp"
         torch.save({"arch": args.arch, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "freeze_encoder": args.freeze_encoder,
                     "best_psnr": best, "rng": get_rng_state(data_rng), "metrics": m}, tmp)
         os.replace(tmp, ckpt_path)
         with open(out / "metrics.jsonl", "a") as f:
@@ -291,6 +298,8 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
     p.add_argument("--steps", type=int, default=0, help="stop at this total step count (0: no limit)")
     p.add_argument("--export", default="assets/mini/vae", help="best weights go here ('' to skip)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only (the latent space stays fixed for the denoiser trained on it)")
     p.add_argument("--init", default="", help="start from these exported weights when there is no checkpoint")
     p.add_argument("--batch", type=int, default=8, help="clips per step")
     p.add_argument("--frames", type=int, default=2, help="frames per clip (1+4k for the temporal VAE)")

@@ -1,0 +1,55 @@
+"""CFG distillation: a student that takes the guidance scale w as an input and matches the teacher's guided
+velocity (1 + w) u(z, t, text) - w u(z, t, empty) in one forward pass (Magic 1-For-1, section on CFG
+distillation). Total loss = lambda_cfg * L_cfg + L_base, L_base the plain flow-matching loss on data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+
+from magic_demo.train.batches import TrainBatch, noise_levels, velocity
+
+
+@dataclass(frozen=True)
+class CFGDistillConfig:
+    w_min: float = 0.0
+    w_max: float = 6.0
+    lambda_cfg: float = 1.0
+
+
+def student_from_teacher(teacher: HunyuanVideoTransformer3DModel) -> HunyuanVideoTransformer3DModel:
+    """The teacher's architecture plus a guidance embedding, its weights copied; the new embedding's output layer
+    starts at zero so the untrained student equals the teacher at every w."""
+    config = dict(teacher.config)
+    config["guidance_embeds"] = True
+    student = HunyuanVideoTransformer3DModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all("guidance_embedder" in k for k in missing), (missing, unexpected)
+    last = student.time_text_embed.guidance_embedder.linear_2
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return student
+
+
+def cfg_distill_loss(student, teacher, batch: TrainBatch, empty: TrainBatch, generator: torch.Generator,
+                     cfg: CFGDistillConfig = CFGDistillConfig()) -> tuple[torch.Tensor, dict]:
+    """One step's loss. `empty` is the same batch with the empty prompt's text embeddings."""
+    b = len(batch.x0)
+    sigma = noise_levels(b, generator)
+    noise = torch.randn(batch.x0.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    z = s * noise + (1 - s) * batch.x0
+    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, generator=generator)
+    with torch.no_grad():
+        guided = velocity(teacher, z, sigma, batch)
+        wv = w.view(-1, 1, 1, 1, 1)
+        target = (1 + wv) * guided - wv * velocity(teacher, z, sigma, empty)
+    loss_cfg = torch.nn.functional.mse_loss(velocity(student, z, sigma, batch, guidance=w), target)
+    # L_base: the ordinary flow-matching loss on data, at w = 0 (no guidance).
+    loss_base = torch.nn.functional.mse_loss(velocity(student, z, sigma, batch, guidance=torch.zeros(b)),
+                                             noise - batch.x0)
+    loss = cfg.lambda_cfg * loss_cfg + loss_base
+    return loss, {"loss_cfg": loss_cfg.item(), "loss_base": loss_base.item()}

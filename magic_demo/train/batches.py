@@ -1,0 +1,66 @@
+"""Training batches from the procedural world, encoded exactly as the pipeline conditions the transformer.
+
+Shared by the teacher trainer and the distillation recipes (CFG distillation, DMD2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magic_demo import world
+from magic_demo.autoencoder import encode_video
+
+
+@dataclass
+class TrainBatch:
+    x0: torch.Tensor  # clean latents [B, C, T, h, w]
+    cond: torch.Tensor  # [image latent in frame 0 ; mask] [B, C+1, T, h, w]
+    embeds: torch.Tensor  # [B, L, D] image tokens + text tokens
+    mask: torch.Tensor  # [B, L]
+    pooled: torch.Tensor  # [B, D2]
+
+    def with_text(self, embeds: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> "TrainBatch":
+        return TrainBatch(self.x0, self.cond, embeds, mask, pooled)
+
+
+def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: int, dropout: float):
+    """(video [B, 3, T, H, W] in [-1, 1], captions with `dropout` of them emptied, first frames) for a step."""
+    rng = np.random.default_rng([seed, step])
+    specs = [world.sample_spec(rng) for _ in range(batch)]
+    clips = np.stack([world.render_clip(s, frames, size, fps) for s in specs])  # [B, T, H, W, 3]
+    captions = [world.caption(s) if rng.random() >= dropout else "" for s in specs]
+    firsts = [Image.fromarray(c[0]) for c in clips]
+    video = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+    return video, captions, firsts
+
+
+@torch.no_grad()
+def encode_batch(pipe, video: torch.Tensor, captions: list[str], firsts: list[Image.Image]) -> TrainBatch:
+    """Latents, conditioning and text embeddings (cloned out of inference mode so autograd may use them)."""
+    x0 = encode_video(pipe.vae, video)
+    emb = pipe.encode_prompt(captions, firsts)
+    cond = pipe.prepare_condition(x0[:, :, :1], x0.shape[2])
+    return TrainBatch(x0.clone(), cond.clone(), emb.embeds.clone(), emb.mask.clone(), emb.pooled.clone())
+
+
+def velocity(model, x: torch.Tensor, sigma: torch.Tensor, batch: TrainBatch,
+             guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The transformer's velocity at noise level `sigma` [B] (timestep = 1000 sigma), with the pipeline's inputs."""
+    kwargs = {}
+    if getattr(model.config, "guidance_embeds", False):
+        g = guidance if guidance is not None else torch.zeros(len(x))
+        kwargs["guidance"] = g.to(x.dtype) * 1000.0
+    return model(hidden_states=torch.cat([x, batch.cond], 1), timestep=sigma.to(x.dtype) * 1000.0,
+                 encoder_hidden_states=batch.embeds, encoder_attention_mask=batch.mask,
+                 pooled_projections=batch.pooled, return_dict=False, **kwargs)[0]
+
+
+def noise_levels(n: int, generator: torch.Generator, shift: float = 3.0) -> torch.Tensor:
+    """Training noise levels: uniform, shifted toward high noise (inference samples with shift 5, 4 steps)."""
+    u = torch.rand(n, generator=generator)
+    return shift * u / (1 + (shift - 1) * u)

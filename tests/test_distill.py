@@ -1,0 +1,78 @@
+import torch
+
+from magic_demo.distill.cfg import cfg_distill_loss, student_from_teacher
+from magic_demo.distill.dmd2 import DMD2, DMD2Config
+from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.sampling import build_sigmas, make_scheduler
+from magic_demo.tiny import build_tiny_components
+from magic_demo.train.batches import encode_batch, sample_clips, velocity
+
+
+def tiny_batch(pipe, captions=None):
+    video, caps, firsts = sample_clips(step=0, batch=2, frames=5, size=32, fps=8, seed=0, dropout=0.0)
+    return encode_batch(pipe, video, captions or caps, firsts)
+
+
+def test_dmd2_updates_generator_once_per_five_fake_updates_and_keeps_real_frozen():
+    torch.manual_seed(0)
+    pipe = MagicI2VPipeline(**build_tiny_components(seed=0))
+    batch = tiny_batch(pipe)
+    sigmas, _ = build_sigmas(make_scheduler(), 4)
+    dmd = DMD2(pipe.transformer, sigmas, DMD2Config(lora_rank=4), lr_fake=1e-3, lr_g=1e-3)
+    g_before = {k: v.clone() for k, v in dmd.generator.state_dict().items()}
+    base_before = {k: v.clone() for k, v in dmd.score.state_dict().items() if "lora_" not in k}
+    lora_before = {k: v.clone() for k, v in dmd.score.state_dict().items() if "lora_" in k}
+    gen = torch.Generator().manual_seed(0)
+    g_steps = []
+    for i in range(10):
+        logs = dmd.step(batch, gen)
+        g_steps.append("loss_g" in logs)
+        if i == 3:  # four fake updates so far: G untouched
+            assert all(torch.equal(v, dmd.generator.state_dict()[k]) for k, v in g_before.items())
+    assert g_steps == [False, False, False, False, True] * 2
+    assert dmd.fake_updates == 10 and dmd.g_updates == 2
+    assert any(not torch.equal(v, dmd.generator.state_dict()[k]) for k, v in g_before.items())  # G changed
+    after = dmd.score.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # the real/fake base is frozen
+    assert any(not torch.equal(v, after[k]) for k, v in lora_before.items())  # only the LoRA learned
+    # the real score is the same network at LoRA scale 0.25: it differs from the fake (1.0) and the base (0.0)
+    z, t = torch.randn_like(batch.x0), torch.full((2,), 0.5)
+    with torch.no_grad():
+        real = dmd.score_velocity(z, t, batch, 0.25)
+        fake = dmd.score_velocity(z, t, batch, 1.0)
+        base = dmd.score_velocity(z, t, batch, 0.0)
+    assert not torch.allclose(real, fake) and not torch.allclose(real, base)
+    # each adapted layer's weight is W + scale * dW: the real model sits a quarter of the way to the fake one
+    layer = dmd.score.transformer_blocks[0].attn.to_q
+    x = torch.randn(3, layer.in_features)
+    outs = {}
+    with torch.no_grad():
+        for scale in (0.0, 0.25, 1.0):
+            dmd.score.set_adapters(["fake"], weights=[scale])
+            outs[scale] = layer(x)
+    assert torch.allclose(outs[0.25], outs[0.0] + 0.25 * (outs[1.0] - outs[0.0]), atol=1e-5)
+
+
+def test_cfg_student_starts_as_teacher_and_learns_to_read_guidance():
+    torch.manual_seed(0)
+    pipe = MagicI2VPipeline(**build_tiny_components(seed=0))
+    teacher = pipe.transformer
+    student = student_from_teacher(teacher)
+    batch = tiny_batch(pipe)
+    empty = tiny_batch(pipe, captions=["", ""])
+    z, t = torch.randn_like(batch.x0), torch.full((2,), 0.7)
+    with torch.no_grad():
+        ref = velocity(teacher, z, t, batch)
+        assert torch.allclose(velocity(student, z, t, batch, torch.full((2,), 3.0)), ref, atol=1e-5)
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        loss, logs = cfg_distill_loss(student, teacher, batch, empty, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(logs) == {"loss_cfg", "loss_base"}
+    with torch.no_grad():
+        a = velocity(student, z, t, batch, torch.full((2,), 0.0))
+        b = velocity(student, z, t, batch, torch.full((2,), 5.0))
+    assert not torch.allclose(a, b, atol=1e-4)  # the output now depends on the guidance input
