@@ -122,6 +122,12 @@ def build_app(service: DemoService) -> gr.Blocks:
         generate = spaces.GPU(duration=lambda image_path, prompt, seconds, *rest, **kw: estimate_gpu_seconds(seconds))(
             generate)
 
+    def example_video(prompt: str, image_path: str):
+        frame = service.upload(image_path)
+        settings = VideoSettings(seconds=preset.seconds, fps=preset.fps, steps=preset.steps, seed=0)
+        *_, done = service.run_video("example", frame, prompt, settings)
+        return done.video_path, f"Example: {done.report['frames']} frames, seed 0"
+
     def stop(request: gr.Request = None):
         return "Stopping after the current step..." if service.stop(_session(request)) else "Nothing is running."
 
@@ -168,11 +174,12 @@ def build_app(service: DemoService) -> gr.Blocks:
                 status = gr.Markdown("", elem_id="status")
                 video = gr.Video(label="Video", elem_id="video", autoplay=True)
                 report = gr.JSON(label="Report")
-        if EXAMPLES_DIR.is_dir():
-            examples = [[json.loads(p.with_suffix(".json").read_text())["prompt"], str(p)]
-                        for p in sorted(EXAMPLES_DIR.glob("*.png")) if p.with_suffix(".json").is_file()]
-            if examples:
-                gr.Examples(examples, inputs=[prompt, image], label="Examples")
+        examples = [[json.loads(p.with_suffix(".json").read_text())["prompt"], str(p)]
+                    for p in sorted(EXAMPLES_DIR.glob("*.png")) if p.with_suffix(".json").is_file()]
+        if examples:
+            # Lazily cached: the first click on an example generates its video, later clicks replay it.
+            gr.Examples(examples, inputs=[prompt, image], outputs=[video, status], fn=example_video,
+                        cache_examples=True, cache_mode="lazy", label="Examples")
 
         t2i_btn.click(first_frame, [prompt, t2i_seed], [image, info], api_name="first_frame",
                       concurrency_id="model")

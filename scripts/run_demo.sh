@@ -8,6 +8,6 @@ if [ -f app.py ]; then
   exec .venv/bin/python app.py "$@"
 fi
 # Until the web app lands: animate the example first frame with the CLI.
-exec .venv/bin/python -m magic_demo generate --image assets/examples/red_square.png \
-  --prompt "a red square moves right on a black background" --seconds 4 --out outputs/demo.mp4 \
+exec .venv/bin/python -m magic_demo generate --image assets/examples/red_circle.png \
+  --prompt "a red circle moves left on a black background" --seconds 4 --out outputs/demo.mp4 \
   --report outputs/demo.json "$@"

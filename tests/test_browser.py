@@ -64,3 +64,19 @@ def test_upload_generate_and_watch_the_video(app_url, tmp_path):
     if os.environ.get("SAVE_SCREENSHOT"):
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copy(shot, SCREENSHOT)
+
+
+def test_clicking_an_example_fills_the_form_and_plays_its_video(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(app_url)
+        page.get_by_text("a red circle moves left on a black background").first.click()
+        expect(page.locator("#prompt textarea")).to_have_value("a red circle moves left on a black background",
+                                                              timeout=30_000)
+        expect(page.locator("#first-frame img")).to_be_visible(timeout=30_000)
+        expect(page.locator("#status")).to_contain_text("Example:", timeout=120_000)
+        expect(page.locator("#video video")).to_have_count(1, timeout=30_000)
+        browser.close()
