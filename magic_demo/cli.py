@@ -82,6 +82,50 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_STAGES = {"vae": "magic_demo.train.vae", "i2v": "magic_demo.train.i2v", "t2i": "magic_demo.train.t2i",
+                "clip": "magic_demo.train.clip"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(TRAIN_STAGES[args.stage])
+    module.main(args.stage_args)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from magic_demo import evaluate
+    from magic_demo.presets import load_pipeline
+
+    preset = get_preset(args.preset)
+    results: dict = {"preset": preset.name}
+    pipe = load_pipeline(preset, quantize=args.quantize) if {"i2v", "long"} & set(args.what) else None
+    if "i2v" in args.what:
+        for steps in args.steps:
+            results[f"i2v_{steps}_steps"] = evaluate.evaluate_i2v(
+                pipe, n=args.clips, steps=steps, num_frames=preset.window_frames, fps=preset.fps,
+                size=preset.width).as_dict()
+    if "long" in args.what:
+        results["long_video"] = evaluate.evaluate_long_video(pipe, seconds=args.seconds, fps=preset.fps,
+                                                             window_frames=preset.window_frames, n=args.videos,
+                                                             size=preset.width)
+    if "t2i" in args.what:
+        from magic_demo.mini_t2i import evaluate_t2i
+
+        results["t2i"] = evaluate_t2i(preset.text_to_image().pipe, n=args.clips * 5, seed=1234)
+    if "retrieval" in args.what:
+        from magic_demo.retrieval import RetrievalIndex
+        from magic_demo.train.clip import evaluate_retrieval
+
+        results["retrieval"] = evaluate_retrieval(RetrievalIndex.load(preset.gallery_index), n=args.clips * 5)
+    text = json.dumps(results, indent=2, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o))
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m magic_demo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     quant.add_argument("--out", required=True)
     quant.set_defaults(func=_quantize)
+
+    train = sub.add_parser("train", help="train a miniature model (arguments after the stage go to its trainer)")
+    train.add_argument("stage", choices=sorted(TRAIN_STAGES))
+    train.add_argument("stage_args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="quality of a preset's models on the procedural world")
+    ev.add_argument("--preset", default="mini", choices=sorted(PRESETS))
+    ev.add_argument("--what", nargs="+", default=["i2v", "long", "t2i", "retrieval"],
+                    choices=["i2v", "long", "t2i", "retrieval"])
+    ev.add_argument("--steps", nargs="+", type=int, default=[4, 50], help="sampler steps for the i2v figures")
+    ev.add_argument("--clips", type=int, default=20)
+    ev.add_argument("--videos", type=int, default=2, help="long videos")
+    ev.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
+    ev.add_argument("--quantize", default="int8", choices=QUANTIZE_MODES)
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(func=_eval)
 
     # subcommands from other modules
     from magic_demo.retrieval import add_index_cli

@@ -24,6 +24,17 @@ class I2VScore:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+AREA_RANGE = (0.005, 0.3)  # fraction of the frame a world shape can cover; noise or a smear falls outside
+
+
+def shape_present(found: dict, frame_pixels: int) -> bool:
+    return AREA_RANGE[0] <= found["area"] / frame_pixels <= AREA_RANGE[1]
+
+
+def colour_kept(found: dict, frame_pixels: int, colour: str) -> bool:
+    return shape_present(found, frame_pixels) and world.classify_colour(found["colour"]) == colour
+
+
 def held_out_specs(n: int, seed: int = 10_000) -> list[world.ClipSpec]:
     """Held-out clips (seeds far from the training stream), cycling through the motions evenly."""
     motions = list(world.MOTIONS)
@@ -33,12 +44,15 @@ def held_out_specs(n: int, seed: int = 10_000) -> list[world.ClipSpec]:
 def score_clips(clips: list[np.ndarray], specs: list[world.ClipSpec], fps: int) -> I2VScore:
     motion_ok, colour, shape, present = [], [], [], []
     for clip, spec in zip(clips, specs):
-        a = world.analyse_clip(clip, background=np.asarray(spec.bg_rgb, np.float32), fps=fps)
-        motion_ok.append(a["motion"] == spec.motion)
-        colour.append(np.mean([c == spec.colour for c in a["colours"]]) * len(a["colours"]) / len(clip))
-        shape.append(np.mean([s == spec.shape for s in a["shapes"]]) * len(a["shapes"]) / len(clip)
-                     if a["shapes"] else 0.0)
-        present.append(float(np.mean(a["present"])))
+        bg = np.asarray(spec.bg_rgb, np.float32)
+        pixels = clip.shape[1] * clip.shape[2]
+        found = [world.find_shape(f, bg) for f in clip]
+        ok = [shape_present(d, pixels) for d in found]
+        motion_ok.append(world.classify_motion([d["centroid"] if o else None for d, o in zip(found, ok)],
+                                               clip.shape[2], fps) == spec.motion)
+        colour.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
+        shape.append(np.mean([o and world.classify_shape(d["mask"]) == spec.shape for d, o in zip(found, ok)]))
+        present.append(float(np.mean(ok)))
     return I2VScore(len(clips), float(np.mean(motion_ok)), float(np.mean(colour)), float(np.mean(shape)),
                     float(np.mean(present)))
 
@@ -72,10 +86,10 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
         done = generate_video(pipe, req, Path(out_dir) / f"long_{i}.mp4")
         frames, _ = read_video(done.video_path)
         bg = np.asarray(spec.bg_rgb, np.float32)
+        pixels = frames.shape[1] * frames.shape[2]
         found = [world.find_shape(f, bg) for f in frames]
-        present.append(np.mean([d["area"] > 0 for d in found]))
-        kept.append(np.mean([d["colour"] is not None and world.classify_colour(d["colour"]) == spec.colour
-                             for d in found]))
+        present.append(np.mean([shape_present(d, pixels) for d in found]))
+        kept.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
         reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"]})
     return {"videos": n, "seconds": seconds, "colour_kept": round(float(np.mean(kept)), 4),
             "present": round(float(np.mean(present)), 4), "runs": reports}
