@@ -143,14 +143,16 @@ def main(argv=None) -> None:
 
 
 def export(pipe: MagicI2VPipeline, dest: Path, frozen_dir: Path, step: int, score) -> None:
-    """Write transformer + the frozen components it was trained with (VAE snapshot included) into the preset
-    folder, each subfolder staged first and swapped in, so a crash never leaves a half-written component."""
+    """Write the transformer + the frozen components it was trained with into the preset folder, each subfolder
+    staged first and swapped in, so a crash never leaves a half-written component. An existing vae/ is kept: the
+    VAE trainer may still be improving its decoder there (with --freeze-encoder the latent space does not move)."""
     staging = dest / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.transformer.save_pretrained(staging / "transformer", safe_serialization=True)
-    for name in FROZEN:
+    names = [n for n in FROZEN if n != "vae" or not (dest / "vae" / "config.json").is_file()]
+    for name in names:
         shutil.copytree(frozen_dir / name, staging / name)
-    for name in ("transformer", *FROZEN):
+    for name in ("transformer", *names):
         shutil.rmtree(dest / name, ignore_errors=True)
         (staging / name).rename(dest / name)
     shutil.rmtree(staging, ignore_errors=True)
