@@ -83,6 +83,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 TRAIN_STAGES = {"vae": "magic_demo.train.vae", "i2v": "magic_demo.train.i2v", "t2i": "magic_demo.train.t2i",
+                "distill": "magic_demo.train.distill",
                 "clip": "magic_demo.train.clip"}
 
 

@@ -59,13 +59,14 @@ def score_clips(clips: list[np.ndarray], specs: list[world.ClipSpec], fps: int) 
 
 @torch.inference_mode()
 def evaluate_i2v(pipe, n: int = 10, steps: int = 4, num_frames: int = 17, fps: int = 8, seed: int = 0,
-                 size: int = 64) -> I2VScore:
+                 size: int = 64, guidance_scale: float = 1.0) -> I2VScore:
     """Generate one clip per held-out first frame + caption and score motion, colour and shape."""
     specs = held_out_specs(n)
     clips = []
     for i, spec in enumerate(specs):
         image = Image.fromarray(world.render_first_frame(spec, size=size))
-        clips.append(pipe(image, world.caption(spec), num_frames=num_frames, steps=steps, seed=seed + i).numpy())
+        clips.append(pipe(image, world.caption(spec), num_frames=num_frames, steps=steps, seed=seed + i,
+                          guidance_scale=guidance_scale).numpy())
     return score_clips(clips, specs, fps)
 
 

@@ -76,3 +76,28 @@ def test_cfg_student_starts_as_teacher_and_learns_to_read_guidance():
         a = velocity(student, z, t, batch, torch.full((2,), 0.0))
         b = velocity(student, z, t, batch, torch.full((2,), 5.0))
     assert not torch.allclose(a, b, atol=1e-4)  # the output now depends on the guidance input
+
+
+def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from magic_demo.train import distill, i2v
+    from tests.test_train_i2v import tiny_vae_folder
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    i2v.main(["--out", str(tmp_path / "run"), "--vae", str(vae), "--export", str(tmp_path / "mini"), "--batch", "1",
+              "--frames", "5", "--size", "32", "--eval-clips", "1", "--config", "test", "--max-steps", "1"])
+    common = ["--preset-dir", str(tmp_path / "mini"), "--batch", "1", "--frames", "5", "--size", "32",
+              "--eval-clips", "1", "--eval-every", "2", "--threads", "1"]
+    distill.main(["cfg", "--out", str(tmp_path / "cfg"), "--export", str(tmp_path / "student"), "--max-iters", "2",
+                  *common])
+    student = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student")
+    assert student.config.guidance_embeds and student.config.in_channels == 9
+    distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
+                  "--export", str(tmp_path / "g4"), "--max-iters", "2", *common])
+    distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
+                  "--export", str(tmp_path / "g4"), "--max-iters", "4", *common])  # resumes at 2
+    curve = (tmp_path / "dmd2" / "curve.json").read_text()
+    assert '"iter": 2' in curve and '"iter": 4' in curve
+    assert "resumed at iteration 2" in (tmp_path / "dmd2" / "train.log").read_text()
+    assert HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "g4").config.guidance_embeds

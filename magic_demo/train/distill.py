@@ -1,0 +1,131 @@
+"""Run the paper's distillation on the miniature teacher: CFG distillation, then DMD2 step distillation.
+
+    python -m magic_demo.train.distill cfg  --preset-dir assets/mini --out runs/cfg  --minutes 30
+    python -m magic_demo.train.distill dmd2 --preset-dir assets/mini --out runs/dmd2 --minutes 60 --steps 4
+
+`cfg` turns the teacher (assets/mini/transformer) into a student with a guidance input; `dmd2` distils a base
+(the CFG student when --base points at it, else the teacher) into a `--steps`-step generator on the Magic
+1-For-1 sigmas. Both resume from --out and export the trained transformer to --export (a diffusers folder).
+`--t2v` zeroes the image latent and mask (the paper's T2V comparison, Fig. 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+
+from magic_demo.distill.cfg import CFGDistillConfig, cfg_distill_loss, student_from_teacher
+from magic_demo.distill.dmd2 import DMD2, DMD2Config
+from magic_demo.evaluate import evaluate_i2v
+from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.presets import load_components
+from magic_demo.sampling import build_sigmas, make_scheduler
+from magic_demo.train.batches import TrainBatch, encode_batch, sample_clips
+
+TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
+
+
+def t2v(batch: TrainBatch) -> TrainBatch:
+    """The same batch without image conditioning (latent and mask zeroed): text-to-video."""
+    return TrainBatch(batch.x0, torch.zeros_like(batch.cond), batch.embeds, batch.mask, batch.pooled)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", choices=["cfg", "dmd2"])
+    p.add_argument("--preset-dir", default="assets/mini", help="folder with the teacher and its frozen components")
+    p.add_argument("--base", default=None, help="transformer folder to distil (default: <preset-dir>/transformer)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--export", default=None)
+    p.add_argument("--minutes", type=float, default=30)
+    p.add_argument("--max-iters", type=int, default=10**9)
+    p.add_argument("--steps", type=int, default=4, help="generator steps (dmd2)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance input of a CFG-distilled base (dmd2)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4, help="student (cfg) / generator (dmd2) learning rate")
+    p.add_argument("--lr-fake", type=float, default=3e-4)
+    p.add_argument("--t2v", action="store_true")
+    p.add_argument("--eval-every", type=int, default=50, help="iterations between metric points (Fig. 5 curve)")
+    p.add_argument("--eval-clips", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train.log", "a", buffering=1)
+
+    def say(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+
+    comps = load_components(args.preset_dir, int8_if_available=False, names=TEXT)
+    base = HunyuanVideoTransformer3DModel.from_pretrained(args.base or Path(args.preset_dir) / "transformer")
+    base.eval().requires_grad_(False)
+    pipe = MagicI2VPipeline(transformer=base, **comps)
+    gen = torch.Generator().manual_seed(args.seed)
+    ckpt = out / "ckpt.pt"
+    curve = []
+    if args.recipe == "cfg":
+        student = student_from_teacher(base).train()
+        opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+        trained, cfg = student, CFGDistillConfig()
+    else:
+        sigmas, _ = build_sigmas(make_scheduler(), args.steps)
+        dmd = DMD2(base, sigmas, DMD2Config(guidance_scale=args.guidance), lr_fake=args.lr_fake, lr_g=args.lr)
+        trained = dmd.generator
+    it = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        trained.load_state_dict(state["model"])
+        it, curve = state["iter"], json.loads(state["curve"])
+        say(f"resumed at iteration {it}")
+
+    def evaluate(model) -> dict:
+        eval_pipe = MagicI2VPipeline(transformer=model.eval(), **comps)
+        score = evaluate_i2v(eval_pipe, n=args.eval_clips, steps=args.steps, num_frames=args.frames, fps=args.fps,
+                             size=args.size, guidance_scale=args.guidance or 1.0)
+        model.train()
+        return score.as_dict()
+
+    t_end = time.time() + 60 * args.minutes
+    while time.time() < t_end and it < args.max_iters:
+        video, captions, firsts = sample_clips(10_000 + it, args.batch, args.frames, args.size, args.fps, args.seed,
+                                               0.0)
+        batch = encode_batch(pipe, video, captions, firsts)
+        if args.t2v:
+            batch = t2v(batch)
+        if args.recipe == "cfg":
+            empty = encode_batch(pipe, video, [""] * len(captions), firsts)
+            loss, logs = cfg_distill_loss(student, base, batch, t2v(empty) if args.t2v else empty, gen, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+        else:
+            logs = dmd.step(batch, gen)
+        it += 1
+        if it % 10 == 0:
+            say(f"iter {it} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        if it % args.eval_every == 0 or time.time() >= t_end or it >= args.max_iters:
+            curve.append({"iter": it, **evaluate(trained)})
+            say(f"iter {it} eval {curve[-1]}")
+            torch.save({"model": trained.state_dict(), "iter": it, "curve": json.dumps(curve)}, out / "ckpt.tmp")
+            (out / "ckpt.tmp").replace(ckpt)
+            (out / "curve.json").write_text(json.dumps(curve, indent=1))
+            if args.export:
+                trained.save_pretrained(args.export, safe_serialization=True)
+    say(f"done at iteration {it}")
+
+
+if __name__ == "__main__":
+    main()
