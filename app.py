@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     demo = build_app(service)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(service.outputs_dir), str(ASSETS)],
-                max_file_size="20mb", footer_links=["api"])
+                max_file_size="20mb", footer_links=["api"], show_error=True)
 
 
 if __name__ == "__main__":

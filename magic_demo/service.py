@@ -20,7 +20,7 @@ from PIL import Image
 from magic_demo.events import CancelToken, Event
 from magic_demo.first_frame import DEFAULT_MIN_SIDE, FirstFrame, load_upload
 from magic_demo.presets import Preset, get_preset, load_pipeline
-from magic_demo.video import VideoRequest, stream_video
+from magic_demo.video import VideoRequest, check_prompt, stream_video
 
 
 @dataclass
@@ -76,14 +76,12 @@ class DemoService:
 
     # ---- first frames -------------------------------------------------------------------------------
     def generate_first_frame(self, prompt: str, seed: Optional[int] = None) -> FirstFrame:
-        if not prompt or not prompt.strip():
-            raise ValueError("prompt is empty: describe the first frame to generate")
+        check_prompt(prompt, "prompt")
         bucket = self.preset.buckets[0]
         return self.text_to_image.generate(prompt, seed, bucket)
 
     def retrieve(self, query: str, k: int = 4) -> list[FirstFrame]:
-        if not query or not query.strip():
-            raise ValueError("query is empty: type what the first frame should show")
+        check_prompt(query, "query")
         if not 1 <= int(k) <= 32:
             raise ValueError(f"k must be between 1 and 32, got {k!r}")
         index = self.index

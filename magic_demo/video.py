@@ -31,6 +31,7 @@ from magic_demo.windows import FrameAssembler, derive_window_seed, plan_windows
 MAX_SECONDS = 60.0
 FPS_RANGE = (1, 60)
 MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 2000  # far beyond what the text encoders read (256 tokens); longer text is refused
 CONDITION_MODES = ("last_frame", "last_latent")
 
 
@@ -59,8 +60,7 @@ class VideoRequest:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad parameter and its value."""
-        if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        check_prompt(self.prompt, "prompt", allow_empty=True)
         if not _is_number(self.seconds) or not 0 < self.seconds <= self.max_seconds:
             raise ValueError(f"seconds must be in (0, {self.max_seconds:g}], got {self.seconds!r}")
         if not _is_int(self.fps) or not FPS_RANGE[0] <= self.fps <= FPS_RANGE[1]:
@@ -82,6 +82,17 @@ class VideoRequest:
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 30:
                 raise ValueError(f"{name} must be a number in [0, 30], got {value!r}")
+
+
+def check_prompt(text, name: str = "prompt", allow_empty: bool = False) -> str:
+    """Refuse non-strings, over-long text and (unless allowed) empty text, naming the parameter."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is too long: {len(text)} characters, at most {MAX_PROMPT_CHARS}")
+    if not allow_empty and not text.strip():
+        raise ValueError(f"{name} is empty: describe what the first frame should show")
+    return text
 
 
 def _is_int(x) -> bool:

@@ -26,3 +26,37 @@ def first_frame() -> Image.Image:
     arr = np.zeros((32, 32, 3), np.uint8)
     arr[8:20, 6:18] = (220, 30, 30)
     return Image.fromarray(np.clip(arr + rng.randint(0, 20, arr.shape), 0, 255).astype(np.uint8))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real Gradio app (tiny-random preset) on a free loopback port, for one test module."""
+    from magic_demo.presets import ASSETS
+    from magic_demo.service import DemoService
+    from magic_demo.ui import build_app
+
+    outputs = tmp_path_factory.mktemp("outputs")
+    service = DemoService("tiny-random", outputs_dir=outputs)
+    service.warm_up()
+    demo = build_app(service)
+    demo.queue(max_size=8, default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(outputs), str(ASSETS)], max_file_size="20mb", show_error=True)
+    yield f"http://127.0.0.1:{port}/", service
+    demo.close()
+
+
+@pytest.fixture
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)

@@ -1,43 +1,13 @@
 """Tier 2: the real Gradio server (tiny-random preset) driven through its named API with gradio_client."""
 
-import socket
 import time
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
 
 from magic_demo.video_io import read_video
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from magic_demo.presets import ASSETS
-    from magic_demo.service import DemoService
-    from magic_demo.ui import build_app
-
-    outputs = tmp_path_factory.mktemp("outputs")
-    service = DemoService("tiny-random", outputs_dir=outputs)
-    service.warm_up()
-    demo = build_app(service)
-    demo.queue(max_size=8, default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs), str(ASSETS)])
-    yield f"http://127.0.0.1:{port}/", service
-    demo.close()
-
-
-@pytest.fixture
-def client(server):
-    return Client(server[0], verbose=False)
 
 
 @pytest.fixture(scope="module")
