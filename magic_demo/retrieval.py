@@ -6,7 +6,13 @@ approximate ``IndexHNSWFlat`` (inner product) at or above it (recall measured in
 
 The CLIP model is a parameter, :class:`ClipModelSpec`: an open_clip architecture name with a pretrained tag
 or a local checkpoint file, a ``local-dir:`` model folder, or a custom config registered under a name
-(``magic-tiny-clip``, a tiny random model, is registered here and builds the placeholder gallery index).
+(``magic-tiny-clip``, a tiny random model, is registered here for tests and the placeholder gallery).
+``magic-mini-clip`` is the trained miniature CLIP shipped in ``assets/mini/clip`` (``magic_demo.train.clip``):
+``ClipModelSpec.parse("magic-mini-clip")`` loads it; it embeds the shipped world gallery (``assets/gallery``,
+``make_world_gallery``) whose index is ``assets/gallery_index``. Local ``.safetensors`` checkpoints are read
+without pickle (compact embedding tables allowed, :func:`save_clip_safetensors`); other checkpoint files go
+through open_clip with ``torch.load(weights_only=True)``. A local checkpoint is recorded in the index both by
+absolute path and relative to the index folder, so an index and its model can move together.
 The spec and a model id are recorded in the index metadata, and loading with another model is refused.
 
 On disk an index is a directory::
@@ -24,7 +30,7 @@ CLI (registered on the main parser by :func:`add_index_cli`; also ``python -m ma
     index build  --images DIR --out INDEX_DIR [--model ARCH[@PRETRAINED]] [--model-config CFG.json]
     index add    --index INDEX_DIR PATH [PATH ...]
     index search --index INDEX_DIR (--query TEXT | --image PATH) [-k 5] [--json]
-    index make-gallery --out DIR [--index-out INDEX_DIR]   (the placeholder gallery of coloured shapes)
+    index make-gallery --out DIR [--index-out INDEX_DIR] [--kind world|placeholder] [--model magic-mini-clip]
 """
 
 from __future__ import annotations
@@ -68,6 +74,13 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 DEFAULT_MODEL = TINY_CLIP_NAME
+
+# The trained miniature retrieval CLIP (``python -m magic_demo.train.clip``): open_clip config + safetensors weights.
+MINI_CLIP_NAME = "magic-mini-clip"
+MINI_CLIP_DIR = Path(__file__).resolve().parents[1] / "assets" / "mini" / "clip"
+CLIP_CONFIG_FILE = "open_clip_config.json"
+CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+_COMPACT_IDS, _COMPACT_ROWS = ".compact_ids", ".compact_rows"
 
 # Indirection so tests can simulate a crash in the middle of ``save``.
 _rename = os.rename
@@ -119,6 +132,57 @@ def register_clip_config(name: str, config: dict[str, Any]) -> None:
     open_clip.add_model_config(path)
 
 
+def save_clip_safetensors(state_dict: dict[str, Any], path: str | os.PathLike, *,
+                           compact: Sequence[str] = ("token_embedding.weight",),
+                           metadata: dict[str, str] | None = None) -> Path:
+    """Write a CLIP state dict as safetensors; the matrices named in ``compact`` (large embedding tables of which
+    only a few rows are non-zero, e.g. the 49,408-token table when training used a small vocabulary) are stored as
+    their non-zero rows plus row ids (``KEY.compact_ids`` / ``KEY.compact_rows``); :func:`load_clip_state_dict`
+    expands them back exactly (the other rows are zero)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out: dict[str, Any] = {}
+    meta = dict(metadata or {})
+    for k, v in state_dict.items():
+        v = v.detach().to("cpu").contiguous()
+        if k in compact and v.ndim == 2:
+            ids = torch.nonzero(v.abs().sum(dim=1) > 0).flatten()
+            out[k + _COMPACT_IDS] = ids.to(torch.int64).contiguous()
+            out[k + _COMPACT_ROWS] = v[ids].contiguous()
+            meta[k + ".shape"] = json.dumps(list(v.shape))
+        else:
+            out[k] = v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata=meta)
+    return path
+
+
+def load_clip_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a safetensors CLIP state dict (no pickle), expanding compact embedding tables."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    sd: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k.endswith(_COMPACT_ROWS):
+            continue
+        if k.endswith(_COMPACT_IDS):
+            base = k[: -len(_COMPACT_IDS)]
+            rows = raw[base + _COMPACT_ROWS]
+            shape = json.loads(meta.get(base + ".shape", "null")) or [int(v.max()) + 1, rows.shape[1]]
+            full = torch.zeros(shape, dtype=rows.dtype)
+            full[v.long()] = rows
+            sd[base] = full
+        else:
+            sd[k] = v
+    return sd
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -152,14 +216,35 @@ class ClipModelSpec:
 
     @classmethod
     def parse(cls, text: str, *, config_file: str | os.PathLike | None = None, seed: int = 0) -> "ClipModelSpec":
-        """``ARCH[@PRETRAINED]``; ``config_file`` registers a custom config (arch defaults to its stem)."""
+        """``ARCH[@PRETRAINED]``; ``config_file`` registers a custom config (arch defaults to its stem).
+
+        ``magic-mini-clip`` alone is the shipped trained miniature CLIP (:meth:`mini`). A ``.safetensors``
+        checkpoint with an ``open_clip_config.json`` beside it brings its own config when ``ARCH`` is not one of
+        open_clip's built-in architectures and no ``config_file`` is given."""
         arch, _, pretrained = (text or "").partition("@")
+        if arch == MINI_CLIP_NAME and not pretrained and config_file is None:
+            return cls.mini()
         config = None
+        if config_file is None and pretrained and pretrained.endswith(".safetensors") and arch:
+            sibling = Path(pretrained).parent / CLIP_CONFIG_FILE
+            if sibling.is_file() and not _builtin_config(arch):
+                config_file = sibling
         if config_file is not None:
             config = json.loads(Path(config_file).read_text())
             config = config.get("model_cfg", config)
             arch = arch or Path(config_file).stem
         return cls(arch=arch or DEFAULT_MODEL, pretrained=pretrained or None, config=config, seed=seed)
+
+    @classmethod
+    def mini(cls, model_dir: str | os.PathLike | None = None, arch: str = MINI_CLIP_NAME) -> "ClipModelSpec":
+        """The trained miniature CLIP exported by ``magic_demo.train.clip`` (default: ``assets/mini/clip``)."""
+        d = Path(model_dir) if model_dir is not None else MINI_CLIP_DIR
+        cfg_path, weights = d / CLIP_CONFIG_FILE, d / CLIP_WEIGHTS_FILE
+        if not cfg_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"no trained CLIP in {d} (need {CLIP_CONFIG_FILE} and {CLIP_WEIGHTS_FILE}); "
+                                    "train one with `python -m magic_demo.train.clip`")
+        config = json.loads(cfg_path.read_text())
+        return cls(arch=arch, pretrained=str(weights), config=config.get("model_cfg", config))
 
     def register(self) -> None:
         if self.config is not None:
@@ -194,15 +279,30 @@ class ClipModelSpec:
             arch = "local-dir:" + Path(arch[len("local-dir:"):]).name
         return f"open_clip:{arch}@{weights}{cfg_tag}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, base: str | os.PathLike | None = None) -> dict[str, Any]:
+        """As a dict; a local checkpoint is stored by absolute path and, with ``base`` (the index folder), also
+        relative to it (``pretrained_rel``), so an index and its model can move together (a fresh clone)."""
         d = asdict(self)
         if self.pretrained is not None and Path(self.pretrained).is_file():
             d["pretrained"] = str(Path(self.pretrained).resolve())
+            if base is not None:
+                d["pretrained_rel"] = Path(os.path.relpath(d["pretrained"], Path(base).resolve())).as_posix()
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClipModelSpec":
-        return cls(arch=d["arch"], pretrained=d.get("pretrained"), config=d.get("config"), seed=int(d.get("seed", 0)))
+    def from_dict(cls, d: dict[str, Any], base: str | os.PathLike | None = None) -> "ClipModelSpec":
+        """Inverse of :meth:`to_dict`; ``pretrained_rel`` (resolved against ``base``) wins when that file exists."""
+        pretrained = d.get("pretrained")
+        if d.get("pretrained_rel") and base is not None and (Path(base) / d["pretrained_rel"]).is_file():
+            pretrained = str((Path(base) / d["pretrained_rel"]).resolve())
+        return cls(arch=d["arch"], pretrained=pretrained, config=d.get("config"), seed=int(d.get("seed", 0)))
+
+
+def _builtin_config(arch: str) -> bool:
+    """Whether ``arch`` is one of open_clip's own architectures (not one registered at run time)."""
+    import open_clip
+
+    return (Path(open_clip.__file__).parent / "model_configs" / f"{arch}.json").is_file()
 
 
 class ClipEmbedder:
@@ -224,14 +324,20 @@ class ClipEmbedder:
             torch.manual_seed(spec.seed)
             root = logging.getLogger()
             level = root.level
-            if spec.pretrained is None:
+            # a local .safetensors file is read by load_clip_state_dict (compact embedding tables, no pickle)
+            own_weights = spec.pretrained is not None and str(spec.pretrained).endswith(".safetensors") \
+                and Path(spec.pretrained).is_file()
+            if spec.pretrained is None or own_weights:
                 root.setLevel(logging.ERROR)  # "initialized randomly" is the point here, not a warning
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.arch, pretrained=spec.pretrained, device=device
+                    spec.arch, pretrained=None if own_weights else spec.pretrained, device=device
                 )
             finally:
                 root.setLevel(level)
+            if own_weights:
+                model.load_state_dict(load_clip_state_dict(spec.pretrained), strict=True)
+                model.to(device)
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.arch)
@@ -634,7 +740,7 @@ class RetrievalIndex:
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "model": self.model_spec,
+            "model": self.embedder.spec.to_dict(base=out_dir) if self.embedder is not None else self.model_spec,
             "model_id": self.model_id,
             "dim": self.dim,
             "count": len(self),
@@ -756,7 +862,7 @@ class RetrievalIndex:
         elif model is None:
             if not meta.get("model"):
                 raise ModelMismatchError(f"index {index_dir} records no model; pass model=False for vectors only")
-            embedder = ClipEmbedder(ClipModelSpec.from_dict(meta["model"]), device=device)
+            embedder = ClipEmbedder(ClipModelSpec.from_dict(meta["model"], base=index_dir), device=device)
         else:
             spec = model.spec if isinstance(model, ClipEmbedder) else (
                 ClipModelSpec.parse(model) if isinstance(model, str) else model)
@@ -854,6 +960,46 @@ def make_placeholder_gallery(out_dir: str | os.PathLike, *, n: int = 40, size: i
     return paths
 
 
+def make_world_gallery(out_dir: str | os.PathLike, *, n: int = 576, size: int = 64, seed: int = 0) -> list[Path]:
+    """The retrieval gallery: ``n`` first frames of the miniature world (``magic_demo.world``), deterministic by
+    ``seed``, as ``size``x``size`` PNGs with ``captions.json`` (exact world captions) and ``specs.json`` (the
+    world spec of each image: shade, size, position, ...).
+
+    The first 480 images cover every (colour, shape, motion, background) caption once, the next 96 every
+    (colour, shape, background) once more; beyond that (or for n < 576, a prefix of the shuffled list) specs are
+    sampled freely.  Shade, size and start position always vary (world jitter)."""
+    import itertools
+
+    from magic_demo import world
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):  # a stale image would be indexed with a missing caption
+        old.unlink()
+    rng = np.random.default_rng([seed, 0x6A11])
+    fields = []
+    for c, s, m, b in itertools.product(world.COLOURS, world.SHAPES, world.MOTIONS, world.BACKGROUNDS):
+        fields.append(dict(colour=c, shape=s, motion=m, background=b))
+    for c, s, b in itertools.product(world.COLOURS, world.SHAPES, world.BACKGROUNDS):
+        fields.append(dict(colour=c, shape=s, background=b))
+    fields = [fields[i] for i in rng.permutation(len(fields))]
+    while len(fields) < n:
+        fields.append({})
+    captions: dict[str, str] = {}
+    specs: dict[str, Any] = {}
+    paths = []
+    for i, f in enumerate(fields[:n]):
+        spec = world.sample_spec(rng, **f)
+        name = f"{i:04d}_{spec.colour}_{spec.shape}_{spec.background.replace(' ', '-')}.png"
+        Image.fromarray(world.render_first_frame(spec, size=size)).save(out / name, optimize=True)
+        captions[name] = world.caption(spec)
+        specs[name] = spec.to_dict()
+        paths.append(out / name)
+    (out / "captions.json").write_text(json.dumps(captions, indent=0) + "\n")
+    (out / "specs.json").write_text(json.dumps(specs, separators=(",", ":")) + "\n")
+    return paths
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _spec_from_args(args: argparse.Namespace) -> ClipModelSpec:
     return ClipModelSpec.parse(args.model or "", config_file=args.model_config, seed=args.seed)
@@ -897,8 +1043,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_gallery(args: argparse.Namespace) -> int:
-    paths = make_placeholder_gallery(args.out, n=args.n, size=args.size)
-    print(f"wrote {len(paths)} placeholder images + captions.json to {args.out}")
+    if args.kind == "world":
+        paths = make_world_gallery(args.out, n=args.n or 576, size=args.size, seed=args.gallery_seed)
+        print(f"wrote {len(paths)} world first frames + captions.json + specs.json to {args.out}")
+    else:
+        paths = make_placeholder_gallery(args.out, n=args.n or 40, size=args.size)
+        print(f"wrote {len(paths)} placeholder images + captions.json to {args.out}")
+    if args.model is None:
+        args.model = MINI_CLIP_NAME if args.kind == "world" else DEFAULT_MODEL
     if args.index_out:
         idx = RetrievalIndex.build(args.out, _spec_from_args(args), progress=not args.no_progress)
         idx.save(args.index_out)
@@ -960,12 +1112,16 @@ def add_index_cli(subparsers: Any) -> argparse.ArgumentParser:
     common(s)
     s.set_defaults(index_func=_cmd_search)
 
-    g = sub.add_parser("make-gallery", help="(re)draw the placeholder gallery of coloured shapes")
+    g = sub.add_parser("make-gallery", help="(re)draw the gallery: world first frames (default) or placeholder")
     g.add_argument("--out", default="assets/gallery")
     g.add_argument("--index-out", default=None, help="also build its index here (e.g. assets/gallery_index)")
-    g.add_argument("--n", type=int, default=40)
+    g.add_argument("--kind", choices=("world", "placeholder"), default="world",
+                   help="world: first frames of the miniature world (576 by default); placeholder: 40 old shapes")
+    g.add_argument("--n", type=int, default=None)
     g.add_argument("--size", type=int, default=64)
+    g.add_argument("--gallery-seed", type=int, default=0, help="seed of the world gallery")
     common(g, model=True)
+    g.set_defaults(model=None)  # world: magic-mini-clip (the trained CLIP); placeholder: the tiny random one
     g.set_defaults(index_func=_cmd_make_gallery)
 
     for leaf in (b, a, s, g):
