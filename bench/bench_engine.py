@@ -1,0 +1,194 @@
+"""Engine benchmarks (issue 8). Prints measured figures; not a test. Run on an otherwise idle machine:
+
+    .venv/bin/python bench/bench_engine.py --preset mini --threads 2 [--only minute,alt,memory,int8,scaling,app]
+
+1. minute: 60 s of video at the preset's fps/size, int8: wall time, per-window time, first window, s/s.
+2. alt: the obvious alternative on the same weights and the same frames, measured alternately (A B A B):
+   clip by clip, each clip encoding its prompt again, 50 Euler steps with true CFG (two forwards per step).
+   (diffusers' own HunyuanVideoImageToVideoPipeline cannot run the miniature weights: it parses the Llama-3
+   chat template by token ids and needs a temporally compressing VAE, so the same work is done through our
+   DiffusionPipeline's per-clip `__call__`, which follows the same steps.)
+3. memory: peak RSS of 60 s vs 5 s of video, each in a fresh process.
+4. int8: weight bytes, one-window speed and output difference, int8 vs fp32 (vs bf16 where it runs).
+5. app: cold start to a ready server; Generate click to the first window (gradio_client) vs the engine.
+6. scaling: wall time for 5, 15, 30, 60 s and the fitted per-second cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from magic_demo import world  # noqa: E402
+from magic_demo.presets import get_preset, load_pipeline  # noqa: E402
+from magic_demo.quantize import weight_bytes  # noqa: E402
+from magic_demo.video import VideoRequest, generate_video  # noqa: E402
+
+PROMPT = "a red circle moves left on a black background"
+
+
+def first_frame(size: int) -> Image.Image:
+    spec = world.sample_spec(np.random.default_rng(7), shape="circle", colour="red", motion="moves left",
+                             background="black")
+    return Image.fromarray(world.render_first_frame(spec, size=size))
+
+
+def request(preset, seconds, **kw) -> VideoRequest:
+    return VideoRequest(image=first_frame(preset.width), prompt=PROMPT, seconds=seconds, fps=preset.fps,
+                        steps=preset.steps, seed=0, window_frames=preset.window_frames, **kw)
+
+
+def run(pipe, preset, seconds, out_dir) -> dict:
+    return generate_video(pipe, request(preset, seconds), Path(out_dir) / f"v{seconds}.mp4").report
+
+
+def bench_minute(pipe, preset, out_dir) -> dict:
+    r = run(pipe, preset, 60.0, out_dir)
+    return {"video_s": r["seconds"], "frames": r["frames"], "windows": r["windows"], "wall_s": r["wall_s"],
+            "first_window_s": r["time_to_first_window_s"], "median_window_s": statistics.median(r["per_window_s"]),
+            "compute_s_per_video_s": r["compute_s_per_video_s"], "peak_rss_mb": r["peak_rss_mb"]}
+
+
+def alternative_clip_by_clip(pipe, preset, seconds) -> float:
+    """Same frames as ours, clip by clip: every clip re-encodes the prompt, 50 steps, true CFG."""
+    total, image = int(round(seconds * preset.fps)), first_frame(preset.width)
+    t0, made = time.perf_counter(), 0
+    while made < total:
+        frames = pipe(image, PROMPT, num_frames=preset.window_frames, steps=50, seed=made, true_cfg_scale=5.0,
+                      negative_prompt="")
+        image = Image.fromarray(frames[-1].numpy())
+        made += len(frames) - (1 if made else 0)
+    return time.perf_counter() - t0
+
+
+def bench_alternative(pipe, preset, out_dir, seconds=6.0, rounds=2) -> dict:
+    ours, alt = [], []
+    for _ in range(rounds):  # A B A B
+        ours.append(run(pipe, preset, seconds, out_dir)["wall_s"])
+        alt.append(alternative_clip_by_clip(pipe, preset, seconds))
+    return {"video_s": seconds, "ours_s": ours, "alternative_s": [round(a, 3) for a in alt],
+            "speedup_of_medians": round(statistics.median(alt) / statistics.median(ours), 1)}
+
+
+def bench_memory(preset_name, threads) -> dict:
+    code = ("import sys,json,torch; sys.path.insert(0,%r); torch.set_num_threads(%d);"
+            "from bench.bench_engine import *; p=get_preset(%r); pipe=load_pipeline(p);"
+            "import tempfile; print(json.dumps(run(pipe,p,float(sys.argv[1]),tempfile.mkdtemp())))")
+    peaks = {}
+    for seconds in (5, 60):
+        out = subprocess.run([sys.executable, "-c", code % (str(ROOT), threads, preset_name), str(seconds)],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        peaks[seconds] = json.loads(out)["peak_rss_mb"]
+    return {"peak_rss_5s_mb": peaks[5], "peak_rss_60s_mb": peaks[60], "ratio": round(peaks[60] / peaks[5], 3)}
+
+
+def bench_int8(preset, out_dir) -> dict:
+    res = {}
+    frames = {}
+    for mode in ("none", "int8"):
+        pipe = load_pipeline(preset, quantize=mode)
+        res[mode] = {"weight_bytes": sum(weight_bytes(getattr(pipe, n)) for n in
+                                         ("transformer", "text_encoder", "text_encoder_2"))}
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            frames[mode] = pipe(first_frame(preset.width), PROMPT, num_frames=preset.window_frames,
+                                steps=preset.steps, seed=0).float()
+            times.append(time.perf_counter() - t)
+        res[mode]["window_s"] = round(statistics.median(times), 4)
+    res["bytes_ratio_fp32_over_int8"] = round(res["none"]["weight_bytes"] / res["int8"]["weight_bytes"], 2)
+    res["speed_ratio_int8_over_fp32"] = round(res["int8"]["window_s"] / res["none"]["window_s"], 3)
+    res["mean_abs_diff_0_255"] = round(float((frames["none"] - frames["int8"]).abs().mean()), 3)
+    return res
+
+
+def bench_scaling(pipe, preset, out_dir) -> dict:
+    walls = {s: run(pipe, preset, float(s), out_dir)["wall_s"] for s in (5, 15, 30, 60)}
+    xs, ys = np.array(list(walls), float), np.array(list(walls.values()))
+    slope, intercept = np.polyfit(xs, ys, 1)
+    resid = ys - (slope * xs + intercept)
+    return {"wall_s": walls, "per_video_second_s": round(slope, 4), "intercept_s": round(intercept, 3),
+            "max_residual_s": round(float(np.abs(resid).max()), 3)}
+
+
+def bench_app(preset_name, threads) -> dict:
+    from gradio_client import Client, handle_file
+
+    port = 7900 + os.getpid() % 50
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--preset", preset_name, "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "Running on local URL" in line:
+                break
+        ready = time.perf_counter() - t0
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        preset = get_preset(preset_name)
+        with tempfile.TemporaryDirectory() as d:
+            img = Path(d) / "f.png"
+            first_frame(preset.width).save(img)
+            t1 = time.perf_counter()
+            job = client.submit(handle_file(str(img)), PROMPT, 10.0, preset.fps, preset.steps, 0, 0,
+                                api_name="/generate")
+            first = None
+            for out in job:
+                if isinstance(out[0], str) and first is None:
+                    first = time.perf_counter() - t1
+            report = job.outputs()[-1][2]
+        return {"cold_start_to_ready_s": round(ready, 2), "click_to_first_window_s": round(first, 3),
+                "engine_first_window_s": report["time_to_first_window_s"],
+                "ratio": round(first / report["time_to_first_window_s"], 2)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="minute,alt,memory,int8,scaling,app")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    only = args.only.split(",")
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                          f"{torch.__version__}, {args.threads} threads", "preset": preset.name}
+    out_dir = tempfile.mkdtemp()
+    pipe = load_pipeline(preset, quantize="int8") if {"minute", "alt", "scaling"} & set(only) else None
+    if pipe is not None:
+        run(pipe, preset, 1.0, out_dir)  # warm-up
+    sections = {"minute": lambda: bench_minute(pipe, preset, out_dir),
+                "alt": lambda: bench_alternative(pipe, preset, out_dir),
+                "memory": lambda: bench_memory(preset.name, args.threads),
+                "int8": lambda: bench_int8(preset, out_dir),
+                "scaling": lambda: bench_scaling(pipe, preset, out_dir),
+                "app": lambda: bench_app(preset.name, args.threads)}
+    for name in only:
+        t = time.perf_counter()
+        results[name] = sections[name]()
+        print(f"{name} ({time.perf_counter() - t:.0f} s): {json.dumps(results[name])}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
