@@ -42,17 +42,29 @@ def latent_geometry(vae) -> LatentGeometry:
     raise TypeError(f"unsupported autoencoder class {type(vae).__name__}")
 
 
-def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
-    """[B, 3, T, H, W] in [-1, 1] -> scaled latents [B, C, t, h, w] (distribution mode: deterministic)."""
-    geom = latent_geometry(vae)
-    video = video.to(device=vae.device, dtype=vae.dtype)
+def encode_raw(vae, video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> unscaled latents [B, C, t, h, w] (distribution mode: deterministic).
+    A per-frame autoencoder sees the frames folded into the batch."""
     if isinstance(vae, AutoencoderTiny):
         b, c, t, h, w = video.shape
-        frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        lat = vae.encode(frames).latents
-        lat = lat.reshape(b, t, *lat.shape[1:]).permute(0, 2, 1, 3, 4)
-    else:
-        lat = vae.encode(video).latent_dist.mode()
+        lat = vae.encode(video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)).latents
+        return lat.reshape(b, t, *lat.shape[1:]).permute(0, 2, 1, 3, 4)
+    return vae.encode(video).latent_dist.mode()
+
+
+def decode_raw(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents [B, C, t, h, w] -> video [B, 3, T, H, W] (not clamped)."""
+    if isinstance(vae, AutoencoderTiny):
+        b, c, t, h, w = latents.shape
+        frames = vae.decode(latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)).sample
+        return frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
+    return vae.decode(latents).sample
+
+
+def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> scaled latents [B, C, t, h, w], fp32."""
+    geom = latent_geometry(vae)
+    lat = encode_raw(vae, video.to(device=vae.device, dtype=vae.dtype))
     return ((lat - geom.shift_factor) * geom.scaling_factor).to(torch.float32)
 
 
@@ -60,13 +72,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents [B, C, t, h, w] -> video [B, 3, T, H, W] clamped to [-1, 1], fp32."""
     geom = latent_geometry(vae)
     lat = (latents / geom.scaling_factor + geom.shift_factor).to(device=vae.device, dtype=vae.dtype)
-    if isinstance(vae, AutoencoderTiny):
-        b, c, t, h, w = lat.shape
-        frames = vae.decode(lat.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)).sample
-        video = frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
-    else:
-        video = vae.decode(lat).sample
-    return video.to(torch.float32).clamp(-1.0, 1.0)
+    return decode_raw(vae, lat).to(torch.float32).clamp(-1.0, 1.0)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -94,3 +94,15 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
         reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"]})
     return {"videos": n, "seconds": seconds, "colour_kept": round(float(np.mean(kept)), 4),
             "present": round(float(np.mean(present)), 4), "runs": reports}
+
+
+def contact_sheet(videos: list[np.ndarray], every: int = 4, max_frames: int = 12, scale: int = 2) -> Image.Image:
+    """One row per video, every `every`-th frame, nearest-neighbour upscaled: the README's figures."""
+    rows = []
+    for frames in videos:
+        picked = frames[::every][:max_frames]
+        row = np.concatenate(list(picked), axis=1)
+        pad = max_frames * frames.shape[2] - row.shape[1]
+        rows.append(np.pad(row, ((0, 2), (0, max(pad, 0)), (0, 0)), constant_values=255))
+    sheet = np.concatenate(rows, axis=0)
+    return Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magic_demo.autoencoder import decode_raw, encode_raw
+
 from magic_demo import world
 
 ARCHS = {
@@ -69,21 +71,8 @@ def prepare_model(model):
     return model
 
 
-def encode(model, x: torch.Tensor) -> torch.Tensor:
-    """[B,3,T,H,W] in [-1,1] -> latents [B,C,t,h,w] (unscaled; deterministic mode for the KL VAE)."""
-    if is_per_frame(model):
-        B, C, T, H, W = x.shape
-        z = model.encode(x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)).latents
-        return z.reshape(B, T, *z.shape[1:]).permute(0, 2, 1, 3, 4)
-    return model.encode(x).latent_dist.mode()
-
-
-def decode(model, z: torch.Tensor) -> torch.Tensor:
-    if is_per_frame(model):
-        B, C, T, h, w = z.shape
-        y = model.decode(z.permute(0, 2, 1, 3, 4).reshape(B * T, C, h, w)).sample
-        return y.reshape(B, T, *y.shape[1:]).permute(0, 2, 1, 3, 4)
-    return model.decode(z).sample
+# The engine's own unscaled encode/decode (frames folded into the batch for a per-frame autoencoder).
+encode, decode = encode_raw, decode_raw
 
 
 def make_batch(seeds, num_frames, size=64, fps=8):
@@ -213,7 +202,7 @@ def train(args):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     step, best = 0, -1.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck["arch"] != args.arch:
             raise SystemExit(f"{ckpt_path} holds arch {ck['arch']!r}, not {args.arch!r}")
         model.load_state_dict(ck["model"])
