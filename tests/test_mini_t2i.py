@@ -1,0 +1,129 @@
+"""Mini text-to-image first-frame model: trainer (resume, export), pipeline loading, generation, input checks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from magic_demo.first_frame import FirstFrame, TextToImage
+from magic_demo.mini_t2i import (DEFAULT_PATH, HELDOUT_SET, MiniT2IPipeline, evaluate_t2i, heldout_captions,
+                                 load_mini_t2i, load_mini_text_to_image)
+from magic_demo.train import t2i as trainer
+
+PROMPT = "a red circle moves left on a black background"
+TINY = dict(config="tiny", batch=2, eval_n=2, eval_steps=(2,), eval_guidance=(2.0,), threads=1, minutes=5.0,
+            log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    out, export = root / "run", root / "export"
+    first = trainer.train(out=out, max_steps=3, export_dir=export, **TINY)
+    second = trainer.train(out=out, max_steps=5, export_dir=export, **TINY)
+    return {"out": out, "export": export, "first": first, "second": second}
+
+
+def test_checkpoint_resume_continues_step_count(trained):
+    assert trained["first"]["state"]["step"] == 3
+    assert trained["second"]["state"]["step"] == 5
+    ck = torch.load(trained["out"] / trainer.CHECKPOINT, map_location="cpu", weights_only=False)
+    assert ck["state"]["step"] == 5
+    assert [e["step"] for e in ck["state"]["evals"]] == [3, 5]
+    assert np.isfinite(trained["second"]["last_loss"])
+
+
+def test_export_is_safetensors_and_loads_back(trained):
+    export = trained["export"]
+    assert (export / "model_index.json").is_file()
+    assert list(export.glob("transformer/*.safetensors")) and list(export.glob("text_encoder/*.safetensors"))
+    assert not list(export.rglob("*.bin"))
+    state = json.loads((export / "train_state.json").read_text())
+    assert state["step"] in (3, 5) and set(state["accuracy"]) >= {"colour", "shape", "background"}
+    pipe = load_mini_t2i(export)
+    assert isinstance(pipe, MiniT2IPipeline)
+    ema = trained["second"]["ema"] if state["step"] == 5 else None
+    if ema is not None:  # exported weights are the EMA weights
+        for (k, a), b in zip(ema.transformer.state_dict().items(), pipe.transformer.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_generate_through_text_to_image_snapped_to_bucket(trained):
+    pipe = load_mini_t2i(trained["export"])
+    t2i = TextToImage(pipe, num_inference_steps=2, guidance_scale=2.0)
+    frame = t2i.generate(PROMPT, seed=3, bucket=(64, 64))
+    assert isinstance(frame, FirstFrame) and frame.source == "generated"
+    assert frame.image.size == (64, 64) and frame.image.mode == "RGB"
+    again = t2i.generate(PROMPT, seed=3, bucket=(64, 64))
+    assert np.array_equal(np.asarray(frame.image), np.asarray(again.image))  # deterministic by seed
+    wide = load_mini_text_to_image(trained["export"]).generate(PROMPT, seed=3, bucket=(96, 64))
+    assert wide.image.size == (96, 64) and wide.provenance["generated_size"] == [64, 64]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(prompt=None), "prompt"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt=[PROMPT, 3]), "prompt"),
+    (dict(height=30), "height"),
+    (dict(width=0), "width"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(output_type="bmp"), "output_type"),
+    (dict(negative_prompt=["x", "y"]), "negative_prompt"),
+    (dict(latents=torch.zeros(1, 3, 8, 8)), "latents"),
+])
+def test_bad_inputs_raise_value_errors_naming_the_argument(trained, kwargs, name):
+    pipe = load_mini_t2i(trained["export"])
+    call = {"prompt": PROMPT, "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        pipe(**call)
+
+
+def test_evaluate_and_heldout_captions(trained):
+    pipe = load_mini_t2i(trained["export"])
+    with pytest.raises(ValueError, match="n"):
+        evaluate_t2i(pipe, n=0)
+    r = evaluate_t2i(pipe, n=3, seed=0, num_inference_steps=1, guidance_scale=1.0)
+    assert r["n"] == 3 and len(r["rows"]) == 3
+    assert all(0.0 <= r[k] <= 1.0 for k in ("colour", "shape", "background", "colour_and_shape"))
+    caps = heldout_captions()
+    assert len(set(caps)) == len(caps) == 64 and heldout_captions(5) == caps[:5]
+    for step in range(3):  # the trainer never sees a held-out caption
+        x, m, batch_caps = trainer.make_batch(step, 16, drop=0.0)
+        assert x.shape == (16, 3, 64, 64) and float(x.min()) >= -1 and float(x.max()) <= 1
+        assert not set(batch_caps) & HELDOUT_SET
+
+
+@pytest.mark.skipif(not (Path(DEFAULT_PATH) / "model_index.json").is_file(), reason="no shipped mini T2I weights")
+def test_shipped_model_draws_the_caption():
+    t2i = load_mini_text_to_image()
+    frame = t2i.generate(PROMPT, seed=0, bucket=(64, 64))
+    assert frame.image.size == (64, 64)
+    r = evaluate_t2i(t2i.pipe, n=8, seed=1, num_inference_steps=t2i.num_inference_steps,
+                     guidance_scale=t2i.guidance_scale)
+    # measured on 50 held-out captions: colour 100%, background 100%; shape is not learnt yet (TRAINING.md)
+    assert r["colour"] >= 0.75 and r["background"] >= 0.75, r["rows"]
+
+
+def test_unet_denoiser_variant_trains_exports_and_generates(tmp_path):
+    cfg = {"arch": "unet", "channels": (8, 16), "text_hidden": 16, "text_layers": 1, "norm_groups": 4,
+           "unet_head_dim": 8}
+    r = trainer.train(out=tmp_path / "run", max_steps=2, export_dir=tmp_path / "export",
+                      **{**TINY, "config": cfg})
+    assert r["state"]["step"] == 2
+    pipe = load_mini_t2i(tmp_path / "export")
+    assert pipe.unet is not None and pipe.transformer is None
+    frame = TextToImage(pipe, num_inference_steps=2, guidance_scale=2.0).generate(PROMPT, seed=0, bucket=(64, 64))
+    assert frame.image.size == (64, 64) and frame.image.mode == "RGB"
+    with pytest.raises(ValueError, match="height"):
+        pipe(PROMPT, height=61)  # not a multiple of the UNet's total downsampling (2)
+
+
+def test_unknown_arch_is_refused():
+    from magic_demo.mini_t2i import build_mini_t2i
+
+    with pytest.raises(ValueError, match="arch"):
+        build_mini_t2i({"arch": "gan"})
