@@ -1,0 +1,152 @@
+"""Load and faults on the shipped miniature preset: concurrent clients, a bounded queue, memory over many
+generations, clients that go away, and a process killed while saving an index."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from magic_demo.video_io import read_video
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRST = ROOT / "assets" / "examples" / "red_circle.png"
+PROMPT = "a red circle moves left on a black background"
+
+
+def launch(tmp_path, preset="mini", queue=32):
+    from tests.conftest import free_port
+    from magic_demo.presets import ASSETS
+    from magic_demo.service import DemoService
+    from magic_demo.ui import build_app
+
+    service = DemoService(preset, outputs_dir=tmp_path / "outputs")
+    service.warm_up()
+    demo = build_app(service).queue(max_size=queue, default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(tmp_path), str(ASSETS)], show_error=True)
+    return demo, service, f"http://127.0.0.1:{port}/"
+
+
+def submit(client, seconds=1.0):
+    return client.submit(handle_file(str(FIRST)), PROMPT, seconds, 8, 4, 1, 0, api_name="/generate")
+
+
+def test_eight_clients_three_requests_each(tmp_path):
+    demo, service, url = launch(tmp_path)
+    try:
+        clients = [Client(url, verbose=False) for _ in range(8)]
+        jobs = [submit(c) for c in clients for _ in range(3)]
+        ranks = set()
+        while not all(j.done() for j in jobs):
+            for j in jobs:
+                st = j.status()
+                if st.rank is not None:
+                    ranks.add(st.rank)
+            time.sleep(0.05)
+        results = [j.result() for j in jobs]
+        assert len(results) == 24
+        for video, status, report, seed in results:
+            assert status.startswith("Done") and report["frames"] == 8
+            assert len(read_video(video)[0]) == 8
+        assert len(ranks) > 1  # clients were told their place in the queue
+    finally:
+        demo.close()
+
+
+def test_requests_past_the_queue_bound_are_refused(tmp_path):
+    demo, service, url = launch(tmp_path, queue=2)
+    try:
+        client = Client(url, verbose=False)
+        jobs = [submit(client, seconds=3.0) for _ in range(8)]
+        outcomes = []
+        for j in jobs:
+            try:
+                outcomes.append(j.result()[2]["frames"])
+            except Exception as exc:  # refused: the message says why
+                outcomes.append(str(exc))
+        refused = [o for o in outcomes if isinstance(o, str)]
+        assert refused and all("queue is full" in o.lower() for o in refused)
+        assert 24 in outcomes  # the accepted ones completed
+        assert submit(client).result()[2]["frames"] == 8  # and the server still serves
+    finally:
+        demo.close()
+
+
+def test_memory_and_outputs_stay_bounded_over_50_generations(tmp_path):
+    from magic_demo.first_frame import load_upload
+    from magic_demo.service import DemoService, VideoSettings
+
+    service = DemoService("mini", outputs_dir=tmp_path / "outputs", keep_outputs=10)
+    frame = service.upload(FIRST)
+    rss = []
+    for i in range(50):
+        *_, done = service.run_video("job", frame, PROMPT, VideoSettings(seconds=1.0, fps=8, steps=4, seed=i))
+        assert done.report["frames"] == 8
+        rss.append(_current_rss_mb())
+    baseline = rss[4]  # after the first few (allocator warm-up)
+    assert max(rss[5:]) <= 1.10 * baseline, (baseline, max(rss[5:]))
+    assert len(list((tmp_path / "outputs").iterdir())) <= 11
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def test_a_client_that_goes_away_does_not_leave_a_generation_running(tmp_path):
+    demo, service, url = launch(tmp_path)
+    try:
+        client = Client(url, verbose=False)
+        job = submit(client, seconds=60.0)
+        deadline = time.time() + 60
+        while service.running_jobs == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert service.running_jobs == 1
+        job.cancel()
+        deadline = time.time() + 30
+        while service.running_jobs and time.time() < deadline:
+            time.sleep(0.1)
+        assert service.running_jobs == 0
+        assert submit(client).result()[2]["frames"] == 8
+    finally:
+        demo.close()
+
+
+def test_sigkill_while_saving_an_index_keeps_the_previous_one_loadable(tmp_path):
+    from magic_demo.retrieval import RetrievalIndex
+
+    index_dir = tmp_path / "index"
+    gallery = ROOT / "assets" / "gallery"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from magic_demo.retrieval import RetrievalIndex
+        index = RetrievalIndex.load({str(ROOT / 'assets' / 'gallery_index')!r})
+        print("ready", flush=True)
+        while True:
+            index.save({str(index_dir)!r})
+    """)
+    first = subprocess.run([sys.executable, "-c", script.replace("while True:", "for _ in range(1):")],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    for delay in (0.05, 0.2, 0.5, 1.0):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        loaded = RetrievalIndex.load(index_dir)  # whatever moment the kill hit
+        assert len(loaded) >= 500 and loaded.search_text(PROMPT, 1)
+    assert gallery.is_dir()
