@@ -115,7 +115,7 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
     params = list(pipe.denoiser.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         pipe.denoiser.load_state_dict(ck.get("denoiser", ck.get("transformer")))
         pipe.text_encoder.load_state_dict(ck["text_encoder"])
         opt.load_state_dict(ck["optimizer"])
