@@ -117,13 +117,31 @@ def bench_int8(preset, out_dir) -> dict:
     return res
 
 
-def bench_scaling(pipe, preset, out_dir) -> dict:
-    walls = {s: run(pipe, preset, float(s), out_dir)["wall_s"] for s in (5, 15, 30, 60)}
-    xs, ys = np.array(list(walls), float), np.array(list(walls.values()))
+def bench_scaling(pipe, preset, out_dir, plot: str | None = None) -> dict:
+    lengths = (5, 15, 30, 60)
+    ours = {s: run(pipe, preset, float(s), out_dir)["wall_s"] for s in lengths}
+    alt = {s: round(alternative_clip_by_clip(pipe, preset, float(s)), 3) for s in lengths}
+    xs, ys = np.array(lengths, float), np.array([ours[s] for s in lengths])
     slope, intercept = np.polyfit(xs, ys, 1)
     resid = ys - (slope * xs + intercept)
-    return {"wall_s": walls, "per_video_second_s": round(slope, 4), "intercept_s": round(intercept, 3),
-            "max_residual_s": round(float(np.abs(resid).max()), 3)}
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+        ax.plot(lengths, [alt[s] for s in lengths], "o-", label="clip by clip, 50 steps + CFG")
+        ax.plot(lengths, [ours[s] for s in lengths], "o-", label="ours: 4 steps, sliding window, int8")
+        ax.plot(lengths, lengths, "k--", lw=0.8, label="real time (1 s per s of video)")
+        ax.set_xlabel("video length (s)")
+        ax.set_ylabel("wall time (s)")
+        ax.set_title(f"{preset.name} preset, {os.cpu_count()}-core CPU")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot)
+    return {"ours_wall_s": ours, "alternative_wall_s": alt, "per_video_second_s": round(slope, 4),
+            "intercept_s": round(intercept, 3), "max_residual_s": round(float(np.abs(resid).max()), 3)}
 
 
 def bench_app(preset_name, threads) -> dict:
@@ -166,6 +184,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default="minute,alt,memory,int8,scaling,app")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of wall time vs video length (scaling section)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
@@ -180,7 +199,7 @@ def main() -> None:
                 "alt": lambda: bench_alternative(pipe, preset, out_dir),
                 "memory": lambda: bench_memory(preset.name, args.threads),
                 "int8": lambda: bench_int8(preset, out_dir),
-                "scaling": lambda: bench_scaling(pipe, preset, out_dir),
+                "scaling": lambda: bench_scaling(pipe, preset, out_dir, args.plot),
                 "app": lambda: bench_app(preset.name, args.threads)}
     for name in only:
         t = time.perf_counter()
