@@ -46,3 +46,19 @@ def test_training_batches_follow_the_world_grammar():
     assert firsts[0].size == (32, 32)
     _, dropped, _ = sample_clips(step=0, batch=64, frames=1, size=32, fps=8, seed=0, dropout=0.5)
     assert 10 < dropped.count("") < 54  # captions dropped for CFG training
+
+
+def test_training_continues_from_a_shipped_preset_folder(tmp_path):
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
+              "--config", "test", "--warmup", "1"]
+    i2v.main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "mini"), "--max-steps", "2", *common])
+    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--export", str(tmp_path / "mini2"),
+              "--max-steps", "3", *common])
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "initialised from" in log and "(step 2)" in log
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
+    for name in ("text_encoder", "vae"):  # the very same frozen components travel on
+        a = (tmp_path / "mini" / name).glob("*.safetensors")
+        b = tmp_path / "b" / "frozen" / name
+        assert all((b / f.name).read_bytes() == f.read_bytes() for f in a)

@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/i2v")
     p.add_argument("--vae", default="assets/mini/vae")
     p.add_argument("--export", default=None, help="preset folder to write at each checkpoint (e.g. assets/mini)")
+    p.add_argument("--init", default=None, help="continue a shipped preset folder (no checkpoint in --out yet)")
     p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--batch", type=int, default=8)
@@ -80,8 +81,13 @@ def main(argv=None) -> None:
     if not frozen_dir.is_dir():
         staging = out / "frozen.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(args.vae, staging / "vae", ignore=shutil.ignore_patterns("*.png", "*.md"))
-        save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed), staging)
+        if args.init:  # continue a shipped preset: its exact frozen components
+            for name in FROZEN:
+                shutil.copytree(Path(args.init) / name, staging / name, ignore=shutil.ignore_patterns("*.png", "*.md"))
+        else:
+            shutil.copytree(args.vae, staging / "vae", ignore=shutil.ignore_patterns("*.png", "*.md"))
+            save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed),
+                            staging)
         staging.rename(frozen_dir)
     comps = load_components(frozen_dir, names=FROZEN)
     comps["vae"].eval().requires_grad_(False)
@@ -99,6 +105,12 @@ def main(argv=None) -> None:
         opt.load_state_dict(state["opt"])
         step, best = state["step"], state.get("best", -1.0)
         say(f"resumed at step {step}")
+    elif args.init:
+        transformer.load_state_dict(
+            type(transformer).from_pretrained(Path(args.init) / "transformer").state_dict())
+        info = Path(args.init) / "training.json"
+        step = json.loads(info.read_text()).get("i2v_step", 0) if info.is_file() else 0
+        say(f"initialised from {args.init} (step {step}); fresh optimizer")
     n_params = sum(p.numel() for p in transformer.parameters())
     say(f"transformer {n_params / 1e6:.2f}M params, batch {args.batch} x {args.frames} frames, lr {args.lr}")
     gen = torch.Generator().manual_seed(args.seed * 7919 + step)
