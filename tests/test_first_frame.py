@@ -1,10 +1,5 @@
 """First frames: bucket fitting, every upload case (accepted and refused), tiny text-to-image."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
 import io
 import json
 import struct
