@@ -399,13 +399,12 @@ class TextToImage:
         dtype = torch_dtype if torch_dtype is not None else (torch.float16 if device.startswith("cuda") else torch.float32)
         pipe = AutoPipelineForText2Image.from_pretrained(model_id, torch_dtype=dtype, variant=variant, **kwargs)
         if quantize_int8:
-            from optimum.quanto import freeze, qint8, quantize
+            from magic_demo.quantize import quantize_int8
 
             for name in ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3"):
                 module = getattr(pipe, name, None)
                 if module is not None:
-                    quantize(module, weights=qint8)
-                    freeze(module)
+                    quantize_int8(module)
         pipe = pipe.to(device)
         return cls(pipe, model_id=model_id, num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, native_size=native_size)

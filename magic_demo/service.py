@@ -92,6 +92,15 @@ class DemoService:
         smallest = min(min(b) for b in self.preset.buckets)
         return load_upload(source, self.preset.buckets, min_side=min(DEFAULT_MIN_SIDE, smallest))
 
+    def chosen_frame(self, path: str | os.PathLike, provenance: Optional[dict] = None) -> FirstFrame:
+        """The first frame the UI already chose (a file it wrote), checked again and re-fitted, keeping where it
+        came from (generated / retrieved) when the UI says so."""
+        frame = self.upload(path)
+        if provenance and provenance.get("source") in FirstFrame.SOURCES:
+            return FirstFrame(frame.image, provenance["source"],
+                              {k: v for k, v in provenance.items() if k not in ("source", "size")})
+        return frame
+
     # ---- video jobs ---------------------------------------------------------------------------------
     def new_output_path(self, suffix: str = ".mp4") -> Path:
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -138,11 +147,3 @@ class DemoService:
     def running_jobs(self) -> int:
         return len(self._jobs)
 
-
-def first_frame_from_file(path: str | os.PathLike, service: DemoService, provenance: Optional[dict] = None) -> FirstFrame:
-    """The first frame the UI already chose (a file it wrote), re-fitted to the preset's buckets."""
-    frame = service.upload(path)
-    if provenance:
-        return FirstFrame(frame.image, provenance.get("source", "uploaded"),
-                          {k: v for k, v in provenance.items() if k not in ("source", "size")})
-    return frame

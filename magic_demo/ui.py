@@ -83,10 +83,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         if not image_path:
             raise gr.Error("Choose a first frame first: generate, retrieve or upload one.")
         try:
-            frame = service.upload(image_path)
-            if provenance and provenance.get("source") in FirstFrame.SOURCES:
-                frame = FirstFrame(frame.image, provenance["source"],
-                                   {k: v for k, v in provenance.items() if k not in ("source", "size")})
+            frame = service.chosen_frame(image_path, provenance)
             settings = VideoSettings(seconds=float(seconds), fps=_as_int(fps, "fps"), steps=_as_int(steps, "steps"),
                                      seed=_as_int(seed, "seed"), overlap=_as_int(overlap, "overlap"))
             events = service.run_video(_session(request), frame, prompt or "", settings)
