@@ -33,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
         fps=args.fps or preset.fps, steps=args.steps or preset.steps, seed=args.seed,
         window_frames=args.window_frames or preset.window_frames, overlap=args.overlap, condition=args.condition,
         guidance_scale=preset.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-        true_cfg_scale=args.true_cfg_scale, extra_report={"preset": preset.name})
+        true_cfg_scale=preset.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, extra_report={"preset": preset.name})
     req.validate()  # fail before loading models
     pipe = load_pipeline(preset, quantize=args.quantize)
     bars: dict[str, tqdm] = {}
@@ -120,11 +120,47 @@ def _eval(args: argparse.Namespace) -> int:
         from magic_demo.train.clip import evaluate_retrieval
 
         results["retrieval"] = evaluate_retrieval(RetrievalIndex.load(preset.gallery_index), n=args.clips * 5)
+    if "table1" in args.what:
+        results["table1"] = _table1(args)
+    if "fig5" in args.what:
+        from magic_demo.distill.report import load_curve, plot_curves
+
+        curves = dict(_name_path(spec) for spec in args.curves)
+        results["fig5"] = str(plot_curves({name: load_curve(path) for name, path in curves.items()},
+                                          Path(args.out) / "fig5_dmd2_ti2v_vs_t2v.png"))
     text = json.dumps(results, indent=2, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o))
     print(text)
     if args.json:
         Path(args.json).write_text(text)
     return 0
+
+
+def _name_path(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--curves entries must read NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def _table1(args: argparse.Namespace) -> list[dict]:
+    """Teacher (Euler, its preset's CFG) at 56..4 steps vs the DMD2 students at 8 and 4 steps, + ground truth."""
+    from magic_demo.distill.report import TEACHER_STEPS, Setting, table1, write_table1
+    from magic_demo.presets import load_pipeline
+
+    teacher, student8, student4 = (get_preset(n) for n in ("mini-teacher", "mini-8step", "mini"))
+    t_pipe = load_pipeline(teacher, quantize=args.quantize)
+    settings = [Setting("data (rendered clips)", None, 0)]
+    settings += [Setting(f"teacher Euler {n} steps, CFG {teacher.true_cfg_scale:g}", t_pipe, n,
+                         true_cfg_scale=teacher.true_cfg_scale) for n in TEACHER_STEPS]
+    for preset in (student8, student4):
+        settings.append(Setting(f"DMD2 student {preset.steps} steps", load_pipeline(preset, quantize=args.quantize),
+                                preset.steps, guidance_scale=preset.guidance_scale))
+    rows = table1(settings, prompts=args.clips, seeds=args.seeds, num_frames=teacher.window_frames, fps=teacher.fps,
+                  size=teacher.width, progress=lambda msg: print(msg, flush=True))
+    note = (f"{args.clips} held-out prompts x {args.seeds} seeds, {teacher.window_frames} frames at "
+            f"{teacher.width}x{teacher.height}, {args.quantize} weights (`python -m magic_demo eval --what table1`).")
+    write_table1(rows, args.out, note)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overlap", type=int, default=0, help="frames cross-faded between windows")
     gen.add_argument("--condition", default="last_frame", choices=["last_frame", "last_latent"])
     gen.add_argument("--guidance-scale", type=float, default=None)
-    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="> 1 turns on classic two-pass CFG")
+    gen.add_argument("--true-cfg-scale", type=float, default=None,
+                     help="> 1 turns on classic two-pass CFG (default: the preset's)")
     gen.add_argument("--quantize", default="int8", choices=QUANTIZE_MODES)
     gen.add_argument("--out", default="outputs/video.mp4")
     gen.add_argument("--report", default=None, help="write a JSON report here")
@@ -171,12 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality of a preset's models on the procedural world")
     ev.add_argument("--preset", default="mini", choices=sorted(PRESETS))
     ev.add_argument("--what", nargs="+", default=["i2v", "long", "t2i", "retrieval"],
-                    choices=["i2v", "long", "t2i", "retrieval"])
+                    choices=["i2v", "long", "t2i", "retrieval", "table1", "fig5"],
+                    help="table1/fig5: the paper's distillation comparison at miniature scale (written to --out)")
     ev.add_argument("--steps", nargs="+", type=int, default=[4, 50], help="sampler steps for the i2v figures")
     ev.add_argument("--clips", type=int, default=20)
     ev.add_argument("--videos", type=int, default=2, help="long videos")
     ev.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
     ev.add_argument("--quantize", default="int8", choices=QUANTIZE_MODES)
+    ev.add_argument("--seeds", type=int, default=2, help="seeds per prompt (table1)")
+    ev.add_argument("--curves", nargs="+", default=["TI2V=runs/dmd2/curve.json", "T2V=runs/dmd2_t2v/curve.json"],
+                    help="NAME=curve.json of distillation runs (fig5)")
+    ev.add_argument("--out", default="docs", help="folder for table1.md/json and the fig5 plot")
     ev.add_argument("--json", default=None)
     ev.set_defaults(func=_eval)
 

@@ -41,32 +41,89 @@ def held_out_specs(n: int, seed: int = 10_000) -> list[world.ClipSpec]:
     return [world.sample_spec(np.random.default_rng([seed, i]), motion=motions[i % len(motions)]) for i in range(n)]
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def clip_metrics(clip: np.ndarray, spec: world.ClipSpec, fps: int, first_frame: np.ndarray | None = None) -> dict:
+    """Per-clip measurements (Table 1's columns): motion class right, dynamic degree (mean centroid speed, frame
+    widths per second), colour / shape kept and shape present (fractions of frames), motion smoothness (mean
+    centroid acceleration, pixels per frame^2: lower is smoother), temporal flicker (mean absolute change of
+    background pixels between frames, 0-255) and, given the conditioning image, first-frame PSNR (dB)."""
+    bg = np.asarray(spec.bg_rgb, np.float32)
+    pixels = clip.shape[1] * clip.shape[2]
+    found = [world.find_shape(f, bg) for f in clip]
+    ok = [shape_present(d, pixels) for d in found]
+    cents = [d["centroid"] if o else None for d, o in zip(found, ok)]
+    steps = [np.subtract(b, a) for a, b in zip(cents, cents[1:]) if a is not None and b is not None]
+    speed = float(np.mean([np.hypot(*s) for s in steps])) * fps / clip.shape[2] if steps else 0.0
+    accel = [np.hypot(*(np.subtract(c, b) - np.subtract(b, a))) for a, b, c in zip(cents, cents[1:], cents[2:])
+             if a is not None and b is not None and c is not None]
+    frames = clip.astype(np.float32)
+    still = [~(found[t]["mask"] | found[t + 1]["mask"]) for t in range(len(clip) - 1)]
+    flicker = [np.abs(frames[t + 1] - frames[t])[m].mean() for t, m in enumerate(still) if m.any()]
+    out = {
+        "motion_ok": float(world.classify_motion(cents, clip.shape[2], fps) == spec.motion),
+        "dynamic_degree": speed,
+        "colour_kept": float(np.mean([colour_kept(d, pixels, spec.colour) for d in found])),
+        "shape_kept": float(np.mean([o and world.classify_shape(d["mask"]) == spec.shape for d, o in zip(found, ok)])),
+        "present": float(np.mean(ok)),
+        "acceleration": float(np.mean(accel)) if accel else float("nan"),
+        "flicker": float(np.mean(flicker)) if flicker else 0.0,
+    }
+    if first_frame is not None:
+        out["first_frame_psnr"] = psnr(clip[0], first_frame)
+    return out
+
+
 def score_clips(clips: list[np.ndarray], specs: list[world.ClipSpec], fps: int) -> I2VScore:
-    motion_ok, colour, shape, present = [], [], [], []
-    for clip, spec in zip(clips, specs):
-        bg = np.asarray(spec.bg_rgb, np.float32)
-        pixels = clip.shape[1] * clip.shape[2]
-        found = [world.find_shape(f, bg) for f in clip]
-        ok = [shape_present(d, pixels) for d in found]
-        motion_ok.append(world.classify_motion([d["centroid"] if o else None for d, o in zip(found, ok)],
-                                               clip.shape[2], fps) == spec.motion)
-        colour.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
-        shape.append(np.mean([o and world.classify_shape(d["mask"]) == spec.shape for d, o in zip(found, ok)]))
-        present.append(float(np.mean(ok)))
-    return I2VScore(len(clips), float(np.mean(motion_ok)), float(np.mean(colour)), float(np.mean(shape)),
-                    float(np.mean(present)))
+    m = [clip_metrics(c, s, fps) for c, s in zip(clips, specs)]
+    mean = lambda key: float(np.mean([x[key] for x in m]))  # noqa: E731
+    return I2VScore(len(clips), mean("motion_ok"), mean("colour_kept"), mean("shape_kept"), mean("present"))
 
 
 @torch.inference_mode()
+def text_to_video_clip(pipe, prompt: str, num_frames: int, steps: int, seed: int, size: int,
+                       guidance_scale: float = 1.0) -> np.ndarray:
+    """The paper's T2V setting on the I2V model (Fig. 5): no image latent, no mask, the VLM shown a neutral
+    image, exactly as `encode_batch(text_only=...)` trains it."""
+    from magic_demo.train.batches import neutral_image
+
+    embeds = pipe.encode_prompt(prompt, neutral_image((size, size)))
+    geom = pipe.geometry
+    side = size // geom.spatial_ratio
+    condition = torch.zeros(1, geom.channels + 1, geom.latent_frames(num_frames), side, side)
+    latents = pipe.denoise(condition, embeds.select(0), steps, torch.Generator().manual_seed(seed), guidance_scale)
+    return pipe.decode(latents).numpy()
+
+
+@torch.inference_mode()
+def generate_eval_clips(pipe, specs: list[world.ClipSpec], steps: int, num_frames: int = 17, size: int = 64,
+                        seed: int = 0, guidance_scale: float = 1.0, true_cfg_scale: float = 1.0,
+                        text_only: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One clip per spec (seed + index), from the spec's rendered first frame (or from text only); returns
+    (clips, first frames)."""
+    clips, firsts = [], []
+    for i, spec in enumerate(specs):
+        first = world.render_first_frame(spec, size=size)
+        if text_only:
+            clip = text_to_video_clip(pipe, world.caption(spec), num_frames, steps, seed + i, size, guidance_scale)
+        else:
+            clip = pipe(Image.fromarray(first), world.caption(spec), num_frames=num_frames, steps=steps,
+                        seed=seed + i, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale).numpy()
+        clips.append(clip)
+        firsts.append(first)
+    return clips, firsts
+
+
 def evaluate_i2v(pipe, n: int = 10, steps: int = 4, num_frames: int = 17, fps: int = 8, seed: int = 0,
-                 size: int = 64, guidance_scale: float = 1.0) -> I2VScore:
+                 size: int = 64, guidance_scale: float = 1.0, true_cfg_scale: float = 1.0,
+                 text_only: bool = False) -> I2VScore:
     """Generate one clip per held-out first frame + caption and score motion, colour and shape."""
     specs = held_out_specs(n)
-    clips = []
-    for i, spec in enumerate(specs):
-        image = Image.fromarray(world.render_first_frame(spec, size=size))
-        clips.append(pipe(image, world.caption(spec), num_frames=num_frames, steps=steps, seed=seed + i,
-                          guidance_scale=guidance_scale).numpy())
+    clips, _ = generate_eval_clips(pipe, specs, steps, num_frames, size, seed, guidance_scale, true_cfg_scale,
+                                   text_only)
     return score_clips(clips, specs, fps)
 
 

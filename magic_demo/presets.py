@@ -59,6 +59,8 @@ class Preset:
     gpu_memory_gib: Optional[float] = None  # documented need (int8, offload), for the README table
     offload: bool = False  # model CPU offload of the encoders while the transformer runs (CUDA)
     vae_tiling: bool = False  # tiled VAE decode (large frames)
+    transformer_folder: str = "transformer"  # subfolder holding the denoiser (a preset folder may hold several)
+    true_cfg_scale: float = 1.0  # > 1: two-pass CFG by default (an undistilled teacher)
 
 
 def _tiny_random() -> dict:
@@ -87,6 +89,8 @@ def _turbo_text_to_image():
 
 _REAL = dict(width=960, height=544, buckets=REAL_BUCKETS, fps=24, window_frames=81, seconds=5.0,
              prompt_template=HUNYUAN_I2V_TEMPLATE, text_to_image=_turbo_text_to_image, offload=True, vae_tiling=True)
+_MINI = dict(path=ASSETS / "mini", width=64, height=64, buckets=((64, 64),), fps=8, window_frames=17, seconds=4.0,
+             text_to_image=_mini_text_to_image, gallery_index=ASSETS / "gallery_index")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -94,9 +98,12 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-random", "seeded random tiny components built in code (tests; output is noise)",
                build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0,
                text_to_image=_tiny_text_to_image, gallery_index=ASSETS / "gallery_index"),
-        Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini)",
-               path=ASSETS / "mini", width=64, height=64, buckets=((64, 64),), fps=8, window_frames=17,
-               seconds=4.0, text_to_image=_mini_text_to_image, gallery_index=ASSETS / "gallery_index"),
+        Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini); the 4-step "
+               "student distilled from the teacher (CFG distillation + DMD2)", **_MINI),
+        Preset("mini-8step", "the miniature 8-step DMD2 student (Table 1 comparison)", steps=8,
+               transformer_folder="student_8step", **_MINI),
+        Preset("mini-teacher", "the undistilled miniature teacher: Euler with two-pass CFG (Table 1 comparison)",
+               steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI),
         Preset("hunyuan-i2v", "HunyuanVideo-I2V (diffusers format, 33-channel latent_concat), 50 Euler steps: "
                "the undistilled base", path=os.environ.get("HUNYUAN_I2V_PATH", "hunyuanvideo-community/HunyuanVideo-I2V"),
                steps=50, gpu_memory_gib=24.0, **_REAL),
@@ -140,16 +147,17 @@ def _classes() -> dict:
             "scheduler": FlowMatchEulerDiscreteScheduler}
 
 
-def load_component(root: Path, name: str, int8_if_available: bool = True):
-    """Load one component from its subfolder of a preset folder, offline (local files only)."""
+def load_component(root: Path, name: str, int8_if_available: bool = True, folder: Optional[str] = None):
+    """Load component `name` from its subfolder (`folder`, default the name) of a preset folder, offline."""
     from diffusers import AutoencoderKLHunyuanVideo, AutoencoderTiny
     from transformers import AutoTokenizer
 
-    if name in QUANTIZABLE and int8_if_available and (root / f"{name}_int8").is_dir():
-        return load_quantized(_classes()[name], root / f"{name}_int8")
-    sub = root / name
+    folder = folder or name
+    if name in QUANTIZABLE and int8_if_available and (root / f"{folder}_int8").is_dir():
+        return load_quantized(_classes()[name], root / f"{folder}_int8")
+    sub = root / folder
     if not sub.is_dir():
-        raise FileNotFoundError(f"preset folder {root} lacks {name}/")
+        raise FileNotFoundError(f"preset folder {root} lacks {folder}/")
     if name == "vae":
         vae_cls = {"AutoencoderKLHunyuanVideo": AutoencoderKLHunyuanVideo, "AutoencoderTiny": AutoencoderTiny}
         return vae_cls[json.loads((sub / "config.json").read_text())["_class_name"]].from_pretrained(
@@ -159,11 +167,13 @@ def load_component(root: Path, name: str, int8_if_available: bool = True):
     return _classes()[name].from_pretrained(sub, local_files_only=True)
 
 
-def load_components(path: str | Path, int8_if_available: bool = True, names=COMPONENTS) -> dict:
+def load_components(path: str | Path, int8_if_available: bool = True, names=COMPONENTS,
+                    transformer_folder: str = "transformer") -> dict:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"preset folder {root} does not exist")
-    return {name: load_component(root, name, int8_if_available) for name in names}
+    return {name: load_component(root, name, int8_if_available, transformer_folder if name == "transformer" else None)
+            for name in names}
 
 
 def save_components(components: dict, path: str | Path) -> Path:
@@ -218,7 +228,7 @@ def load_pipeline(preset: str | Preset, quantize: str = "int8", device: Optional
                                               tokens=_window_tokens(root, preset))
             print(f"[magic_demo] {preset.name}: {estimate.describe()}")
             check_fits(estimate, device)
-        comps = load_components(root, quantize == "int8")
+        comps = load_components(root, quantize == "int8", transformer_folder=preset.transformer_folder)
     check_compatible(comps)
     for name in QUANTIZABLE:
         module = comps[name]
@@ -243,7 +253,7 @@ def load_pipeline(preset: str | Preset, quantize: str = "int8", device: Optional
 
 def _window_tokens(root: Path, preset: Preset) -> int:
     """Transformer tokens of one window at the preset's default size (for the activation estimate)."""
-    t = json.loads((root / "transformer" / "config.json").read_text())
+    t = json.loads((root / preset.transformer_folder / "config.json").read_text())
     v = json.loads((root / "vae" / "config.json").read_text())
     spatial, temporal = v.get("spatial_compression_ratio", 8), v.get("temporal_compression_ratio", 1)
     frames = (preset.window_frames - 1) // temporal + 1

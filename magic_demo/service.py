@@ -118,7 +118,8 @@ class DemoService:
         width, height = first_frame.image.size
         req = VideoRequest(image=first_frame.image, prompt=prompt or "", seconds=settings.seconds, fps=settings.fps,
                            steps=settings.steps, seed=settings.seed, window_frames=p.window_frames,
-                           overlap=settings.overlap, guidance_scale=p.guidance_scale, width=width, height=height,
+                           overlap=settings.overlap, guidance_scale=p.guidance_scale,
+                           true_cfg_scale=p.true_cfg_scale, width=width, height=height,
                            extra_report={"preset": p.name, "first_frame": first_frame.report(),
                                          "quantize": self.quantize})
         req.validate()

@@ -1,8 +1,13 @@
+import shutil
+
+import numpy as np
 import torch
+from PIL import Image
 
 from magic_demo.distill.cfg import cfg_distill_loss, student_from_teacher
 from magic_demo.distill.dmd2 import DMD2, DMD2Config
 from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.presets import Preset, load_pipeline
 from magic_demo.sampling import build_sigmas, make_scheduler
 from magic_demo.tiny import build_tiny_components
 from magic_demo.train.batches import encode_batch, sample_clips, velocity
@@ -101,3 +106,17 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     assert '"iter": 2' in curve and '"iter": 4' in curve
     assert "resumed at iteration 2" in (tmp_path / "dmd2" / "train.log").read_text()
     assert HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "g4").config.guidance_embeds
+    # the T2V variant of the recipe (Fig. 5) runs on the same teacher
+    distill.main(["dmd2", "--t2v", "--out", str(tmp_path / "t2v"), "--max-iters", "2", *common])
+    assert '"iter": 2' in (tmp_path / "t2v" / "curve.json").read_text()
+    # shipping: the student becomes the preset's transformer/, the teacher stays loadable from teacher/
+    shutil.copytree(tmp_path / "mini" / "transformer", tmp_path / "mini" / "teacher")
+    shutil.rmtree(tmp_path / "mini" / "transformer")
+    shutil.copytree(tmp_path / "g4", tmp_path / "mini" / "transformer")
+    kw = dict(path=tmp_path / "mini", width=32, height=32, buckets=((32, 32),), window_frames=5)
+    student = load_pipeline(Preset("student", "4-step student", guidance_scale=3.0, **kw))
+    teacher = load_pipeline(Preset("teacher", "teacher", transformer_folder="teacher", true_cfg_scale=2.0, **kw))
+    assert student.has_guidance_input and not teacher.has_guidance_input
+    image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    assert student(image, "a red circle moves left on a black background", num_frames=5, steps=4,
+                   guidance_scale=3.0).shape == (5, 32, 32, 3)

@@ -1,4 +1,7 @@
+import json
+
 import numpy as np
+import pytest
 
 from magic_demo import world
 from magic_demo.evaluate import held_out_specs, score_clips
@@ -23,3 +26,47 @@ def test_noise_and_wrong_colours_score_low():
                                                    "rgb": None}), 17, 64, 8) for s in specs]
     score = score_clips(swapped, specs, fps=8)
     assert score.colour_kept == 0.0 and score.motion_accuracy == 1.0
+
+
+def _spec(**kw):
+    base = dict(shape="square", colour="red", motion="moves right", background="black", x0=0.3, y0=0.5, speed=0.2)
+    return world.ClipSpec(**{**base, **kw})
+
+
+def test_clip_metrics_measure_speed_smoothness_flicker_and_first_frame():
+    from magic_demo.evaluate import clip_metrics
+
+    spec = _spec()
+    clip = world.render_clip(spec, 9, 64, 8)  # 1 s, no bounce: constant speed 0.2 widths/s
+    m = clip_metrics(clip, spec, fps=8, first_frame=clip[0])
+    assert m["motion_ok"] == 1.0 and m["colour_kept"] == 1.0
+    assert abs(m["dynamic_degree"] - 0.2) < 0.02
+    assert m["acceleration"] < 1.0 and m["flicker"] == 0.0 and m["first_frame_psnr"] == 99.0
+    still = clip_metrics(world.render_clip(_spec(motion="stays still"), 9, 64, 8), spec, fps=8)
+    assert still["dynamic_degree"] < 0.01 and still["motion_ok"] == 0.0
+    # jitter the centroid and add background noise: smoothness and flicker get worse, PSNR drops
+    rng = np.random.default_rng(0)
+    shaky = np.stack([np.roll(f, 3 * (-1) ** t, axis=0) for t, f in enumerate(clip)])  # up, down, up...
+    noisy = np.clip(shaky.astype(int) + rng.integers(-20, 21, shaky.shape), 0, 255).astype(np.uint8)
+    bad = clip_metrics(noisy, spec, fps=8, first_frame=clip[0])
+    assert bad["acceleration"] > 5.0 and bad["flicker"] > 5.0 and bad["first_frame_psnr"] < 30.0
+
+
+def test_table1_rows_markdown_and_fig5_plot(tmp_path, tiny_pipe):
+    from magic_demo.distill.report import Setting, load_curve, markdown_table, plot_curves, table1, write_table1
+
+    rows = table1([Setting("data", None, 0), Setting("tiny 2 steps", tiny_pipe, 2)], prompts=2, seeds=2,
+                  num_frames=5, size=32, progress=lambda _m: None)
+    assert [r["clips"] for r in rows] == [2, 4]  # ground truth once, the model once per seed
+    assert rows[0]["motion_ok"] == 1.0 and rows[0]["flicker"] < 0.5 and rows[0]["first_frame_psnr"] == 99.0
+    assert rows[1]["first_frame_psnr"] < 60.0  # a random model does not reproduce the first frame exactly
+    md = write_table1(rows, tmp_path, note="tiny").read_text()
+    assert md.count("\n|") == 3 and "| data | 100.0 |" in md and md.rstrip().endswith("tiny")
+    assert markdown_table(rows).splitlines()[0].startswith("| setting | motion direction acc.")
+    curve = [{"iter": i, "motion_accuracy": 0.2 + i / 100, "colour_kept": 0.5} for i in (0, 10, 20)]
+    (tmp_path / "c.json").write_text(json.dumps(curve))
+    png = plot_curves({"TI2V": load_curve(tmp_path / "c.json"), "T2V": curve}, tmp_path / "fig5.png")
+    assert png.stat().st_size > 5000
+    (tmp_path / "bad.json").write_text('{"iter": 1}')
+    with pytest.raises(ValueError, match="not a distillation curve"):
+        load_curve(tmp_path / "bad.json")

@@ -62,3 +62,17 @@ def test_training_continues_from_a_shipped_preset_folder(tmp_path):
         a = (tmp_path / "mini" / name).glob("*.safetensors")
         b = tmp_path / "b" / "frozen" / name
         assert all((b / f.name).read_bytes() == f.read_bytes() for f in a)
+
+
+def test_text_only_rows_carry_no_trace_of_their_first_frame(tiny_pipe):
+    from magic_demo.train.batches import encode_batch, neutral_image
+
+    video, captions, firsts = sample_clips(step=3, batch=3, frames=5, size=32, fps=8, seed=0, dropout=0.0)
+    batch = encode_batch(tiny_pipe, video, captions, firsts, text_only=[False, True, False])
+    assert batch.cond[1].abs().sum() == 0  # no image latent, no mask
+    assert batch.cond[0, -1, 0].min() == 1 and batch.cond[2, :-1, 0].abs().sum() > 0  # image rows untouched
+    # the VLM saw the neutral image, not the clip's first frame
+    blank = tiny_pipe.encode_prompt(captions[1], neutral_image(firsts[1].size))
+    own = tiny_pipe.encode_prompt(captions[1], firsts[1])
+    assert torch.allclose(batch.embeds[1], blank.embeds[0], atol=1e-5)
+    assert not torch.allclose(batch.embeds[1], own.embeds[0], atol=1e-3)

@@ -6,7 +6,7 @@ Shared by the teacher trainer and the distillation recipes (CFG distillation, DM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,12 +39,22 @@ def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: 
     return video, captions, firsts
 
 
+def neutral_image(size: tuple[int, int]) -> Image.Image:
+    """What the VLM sees for a clip made without its first frame (text-to-video): plain mid-gray, no information.
+    (Masking the image tokens out is not an option: the transformer reads its text mask as a prefix length.)"""
+    return Image.new("RGB", size, (128, 128, 128))
+
+
 @torch.no_grad()
-def encode_batch(pipe, video: torch.Tensor, captions: list[str], firsts: list[Image.Image]) -> TrainBatch:
-    """Latents, conditioning and text embeddings (cloned out of inference mode so autograd may use them)."""
+def encode_batch(pipe, video: torch.Tensor, captions: list[str], firsts: list[Image.Image],
+                 text_only: Optional[Sequence[bool]] = None) -> TrainBatch:
+    """Latents, conditioning and text embeddings (cloned out of inference mode so autograd may use them).
+    Rows flagged `text_only` are text-to-video: image latent and mask zeroed, the VLM shown `neutral_image`."""
+    text_only = list(text_only) if text_only is not None else [False] * len(firsts)
     x0 = encode_video(pipe.vae, video)
-    emb = pipe.encode_prompt(captions, firsts)
+    emb = pipe.encode_prompt(captions, [neutral_image(f.size) if t else f for f, t in zip(firsts, text_only)])
     cond = pipe.prepare_condition(x0[:, :, :1], x0.shape[2])
+    cond[torch.tensor(text_only, dtype=torch.bool)] = 0
     return TrainBatch(x0.clone(), cond.clone(), emb.embeds.clone(), emb.mask.clone(), emb.pooled.clone())
 
 

@@ -6,7 +6,8 @@
 `cfg` turns the teacher (assets/mini/transformer) into a student with a guidance input; `dmd2` distils a base
 (the CFG student when --base points at it, else the teacher) into a `--steps`-step generator on the Magic
 1-For-1 sigmas. Both resume from --out and export the trained transformer to --export (a diffusers folder).
-`--t2v` zeroes the image latent and mask (the paper's T2V comparison, Fig. 5).
+`--t2v` trains and evaluates without the first frame (`encode_batch(text_only=...)`: the paper's T2V
+comparison, Fig. 5).
 """
 
 from __future__ import annotations
@@ -25,14 +26,9 @@ from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
-from magic_demo.train.batches import TrainBatch, encode_batch, sample_clips
+from magic_demo.train.batches import encode_batch, sample_clips
 
 TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
-
-
-def t2v(batch: TrainBatch) -> TrainBatch:
-    """The same batch without image conditioning (latent and mask zeroed): text-to-video."""
-    return TrainBatch(batch.x0, torch.zeros_like(batch.cond), batch.embeds, batch.mask, batch.pooled)
 
 
 def main(argv=None) -> None:
@@ -93,7 +89,7 @@ def main(argv=None) -> None:
     def evaluate(model) -> dict:
         eval_pipe = MagicI2VPipeline(transformer=model.eval(), **comps)
         score = evaluate_i2v(eval_pipe, n=args.eval_clips, steps=args.steps, num_frames=args.frames, fps=args.fps,
-                             size=args.size, guidance_scale=args.guidance or 1.0)
+                             size=args.size, guidance_scale=args.guidance or 1.0, text_only=args.t2v)
         model.train()
         return score.as_dict()
 
@@ -101,12 +97,11 @@ def main(argv=None) -> None:
     while time.time() < t_end and it < args.max_iters:
         video, captions, firsts = sample_clips(10_000 + it, args.batch, args.frames, args.size, args.fps, args.seed,
                                                0.0)
-        batch = encode_batch(pipe, video, captions, firsts)
-        if args.t2v:
-            batch = t2v(batch)
+        text_only = [args.t2v] * len(captions)
+        batch = encode_batch(pipe, video, captions, firsts, text_only)
         if args.recipe == "cfg":
-            empty = encode_batch(pipe, video, [""] * len(captions), firsts)
-            loss, logs = cfg_distill_loss(student, base, batch, t2v(empty) if args.t2v else empty, gen, cfg)
+            empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
+            loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -59,8 +59,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--text-dropout", type=float, default=0.1)
+    p.add_argument("--image-dropout", type=float, default=0.1,
+                   help="fraction of clips trained as text-to-video (no image), so the teacher also serves T2V")
     p.add_argument("--ckpt-minutes", type=float, default=5)
-    p.add_argument("--eval-clips", type=int, default=10)
+    p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="mini", choices=["mini", "test"])
@@ -119,8 +121,9 @@ def main(argv=None) -> None:
     losses = []
     while time.time() < t_end and step < args.max_steps:
         transformer.train()
+        text_only = (torch.rand(args.batch, generator=gen) < args.image_dropout).tolist()
         batch = encode_batch(pipe, *sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
-                                                 args.text_dropout))
+                                                 args.text_dropout), text_only=text_only)
         sigma = noise_levels(len(batch.x0), gen)
         noise = torch.randn(batch.x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -146,6 +149,9 @@ def main(argv=None) -> None:
             torch.save({"model": transformer.state_dict(), "opt": opt.state_dict(), "step": step,
                         "best": max(best, metric)}, out / "ckpt.tmp")
             (out / "ckpt.tmp").replace(ckpt)
+            # Every checkpoint's weights are kept: in-training evals are small and noisy, so checkpoints are
+            # chosen afterwards on more clips (`python -m magic_demo eval --transformer ...`).
+            transformer.save_pretrained(out / "snapshots" / f"step_{step:06d}", safe_serialization=True)
             if metric >= best and args.export:
                 best = metric
                 export(pipe, Path(args.export), frozen_dir, step, score)
