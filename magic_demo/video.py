@@ -13,6 +13,7 @@ import random
 import resource
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -140,12 +141,27 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
 
     assembler = FrameAssembler(req.total_frames, req.overlap)
     per_window_s: list[float] = []
-    video_path: Optional[Path] = None
-    first_window_at: Optional[float] = None  # seconds from start to the first playable mp4
+    first_window_at: list[float] = []  # seconds from start to the first playable mp4
     cancelled = False
     cond_image, cond_latent = image, None
-    with SegmentedMp4Writer(out_path, req.fps) as writer:
+
+    def publish(writer: SegmentedMp4Writer, final: np.ndarray, k: int, n: int, tw: float) -> Path:
+        """Writer thread: encode the window's final frames, re-join the mp4, announce it."""
+        if len(final):
+            writer.append(final)
+        path = writer.publish()
+        per_window_s.append(time.perf_counter() - tw)
+        if not first_window_at:
+            first_window_at.append(time.perf_counter() - t0)
+        emit(WindowFinished(k, n, writer.frames_written, str(path), per_window_s[-1]))
+        return path
+
+    # Encoding + joining the mp4 (ffmpeg processes) runs on one writer thread while the next window denoises;
+    # windows are written in order. A write error stops the video at the next window.
+    with SegmentedMp4Writer(out_path, req.fps) as writer, ThreadPoolExecutor(1, "magic-mp4") as io:
+        written: list[Future] = []
         for plan in plans:
+            _raise_write_error(written)
             if cancel.cancelled:
                 cancelled = True
                 break
@@ -163,26 +179,26 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
             except Cancelled:
                 cancelled = True
                 break
-            frames = pipe.decode(latents).numpy()
+            if plan.index > 0 and geom.temporal_ratio == 1:
+                # A per-frame VAE need not decode frame 0: it is the conditioning frame, already in the video.
+                frames = np.concatenate([np.asarray(cond_image)[None], pipe.decode(latents[:, :, 1:]).numpy()])
+            else:
+                frames = pipe.decode(latents).numpy()
             last = plan is plans[-1]
-            final = assembler.add(plan, frames, last)
-            if len(final):
-                writer.append(final)
-            video_path = writer.publish()
+            written.append(io.submit(publish, writer, assembler.add(plan, frames, last), k, n, tw))
             # Condition the next window on the frame it starts on (see windows.py).
             if not last:
                 nxt = plans[plan.index + 1]
                 cond_image = Image.fromarray(frames[nxt.start - plan.start])
                 cond_latent = latents[:, :, -1:] if req.condition == "last_latent" else None
-            per_window_s.append(time.perf_counter() - tw)
-            if first_window_at is None:
-                first_window_at = time.perf_counter() - t0
-            emit(WindowFinished(k, n, writer.frames_written, str(video_path), per_window_s[-1]))
+        video_path = written[-1].result() if written else None  # waits for every write, raises the first error
+        _raise_write_error(written)
         if cancelled:
             rest = assembler.flush()
             if len(rest):
                 writer.append(rest)
                 video_path = writer.publish()
+    first_window_at = first_window_at[0] if first_window_at else None
 
     wall = time.perf_counter() - t0
     calls = pipe.calls - calls_before
@@ -205,6 +221,12 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     done = VideoFinished(str(video_path) if video_path else None, report, cancelled)
     emit(done)
     return done
+
+
+def _raise_write_error(written: list[Future]) -> None:
+    for future in written:
+        if future.done() and future.exception() is not None:
+            raise future.exception()
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from magic_demo.events import (CancelToken, StepFinished, VideoFinished, VideoStarted, WindowFinished,
                                WindowStarted)
@@ -81,8 +82,14 @@ def test_event_stream_order_and_growing_video(tiny_pipe, first_frame, tmp_path):
     events = list(stream_video(tiny_pipe, make_request(first_frame, seconds=3.0, steps=2), tmp_path / "v.mp4"))
     kinds = [type(e) for e in events]
     assert kinds[0] is VideoStarted and kinds[-1] is VideoFinished
-    assert kinds[1:-1] == [WindowStarted, StepFinished, StepFinished, WindowFinished] * 3
-    finished = [e for e in events if isinstance(e, WindowFinished)]
+    body = events[1:-1]
+    assert [e.window for e in body if isinstance(e, WindowStarted)] == [1, 2, 3]
+    steps = [e for e in body if isinstance(e, StepFinished)]
+    assert [(e.window, e.step) for e in steps] == [(w, s) for w in (1, 2, 3) for s in (1, 2)]
+    finished = [e for e in body if isinstance(e, WindowFinished)]
+    assert [e.window for e in finished] == [1, 2, 3]
+    # a window is announced after its own last step (its mp4 is written while the next window denoises)
+    assert all(body.index(f) > body.index(s) for f, s in zip(finished, steps[1::2]))
     assert [e.frames_written for e in finished] == [9, 17, 24]
 
 
@@ -124,3 +131,30 @@ def test_image_is_resized_to_requested_size(tiny_pipe, first_frame, tmp_path):
     done = generate_video(tiny_pipe, make_request(first_frame.resize((64, 64)), width=32, height=32, seconds=1.0),
                           tmp_path / "v.mp4")
     assert read_video(done.video_path)[0].shape[1:3] == (32, 32)
+
+
+def test_per_frame_vae_windows_skip_decoding_the_conditioning_frame(tmp_path, first_frame):
+    """With a per-frame autoencoder, windows after the first decode one frame fewer; the video is unchanged."""
+    from diffusers import AutoencoderTiny
+
+    from magic_demo.pipeline import MagicI2VPipeline
+    from magic_demo.tiny import build_tiny_components
+
+    torch.manual_seed(0)
+    comps = build_tiny_components(seed=0)
+    comps["vae"] = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                                   latent_channels=4).eval()
+    pipe = MagicI2VPipeline(**comps)
+    decoded = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda _m, args: decoded.append(args[0].shape[0]))
+    req = VideoRequest(image=first_frame, prompt="a red circle moves left", seconds=3.0, fps=8, steps=2, seed=3,
+                       window_frames=9)
+    done = generate_video(pipe, req, tmp_path / "v.mp4")
+    assert decoded == [9, 8, 7]  # frames through the decoder per window (the last window is 8 frames long)
+    # the skipped frame is exactly the one the full decode would have given (up to float noise)
+    lat = torch.randn(1, 4, 9, 4, 4, generator=torch.Generator().manual_seed(0))
+    full, rest = pipe.decode(lat).numpy(), pipe.decode(lat[:, :, 1:]).numpy()
+    assert np.abs(full[1:].astype(int) - rest.astype(int)).max() <= 1
+    pipe.vae.to(memory_format=torch.channels_last)  # what load_pipeline does for a per-frame VAE on CPU
+    assert np.abs(pipe.decode(lat).numpy().astype(int) - full.astype(int)).max() <= 1
+    assert done.report["frames"] == 24 and len(read_video(done.video_path)[0]) == 24
