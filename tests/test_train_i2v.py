@@ -32,7 +32,7 @@ def test_i2v_trainer_checkpoints_resumes_and_exports_a_loadable_preset(tmp_path)
     assert info["i2v_step"] in (2, 3) and 0 <= info["eval"]["motion_accuracy"] <= 1
     # the exported folder is a complete preset the engine loads (int8 by default)
     preset = Preset("exported", "test export", path=tmp_path / "mini", width=32, height=32, buckets=((32, 32),),
-                    window_frames=5)
+                    window_frames=5, transformer_folder="teacher")
     pipe = load_pipeline(preset)
     frames = pipe(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), "a red circle moves left on a black background",
                   num_frames=5, steps=2)

@@ -3,7 +3,7 @@
     python -m magic_demo.train.distill cfg  --preset-dir assets/mini --out runs/cfg  --minutes 30
     python -m magic_demo.train.distill dmd2 --preset-dir assets/mini --out runs/dmd2 --minutes 60 --steps 4
 
-`cfg` turns the teacher (assets/mini/transformer) into a student with a guidance input; `dmd2` distils a base
+`cfg` turns the teacher (assets/mini/teacher) into a student with a guidance input; `dmd2` distils a base
 (the CFG student when --base points at it, else the teacher) into a `--steps`-step generator on the Magic
 1-For-1 sigmas. Both resume from --out and export the trained transformer to --export (a diffusers folder).
 `--t2v` trains and evaluates without the first frame (`encode_batch(text_only=...)`: the paper's T2V
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", choices=["cfg", "dmd2"])
     p.add_argument("--preset-dir", default="assets/mini", help="folder with the teacher and its frozen components")
-    p.add_argument("--base", default=None, help="transformer folder to distil (default: <preset-dir>/transformer)")
+    p.add_argument("--base", default=None, help="transformer folder to distil (default: <preset-dir>/teacher)")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
         log.write(line + "\n")
 
     comps = load_components(args.preset_dir, int8_if_available=False, names=TEXT)
-    base = HunyuanVideoTransformer3DModel.from_pretrained(args.base or Path(args.preset_dir) / "transformer")
+    base = HunyuanVideoTransformer3DModel.from_pretrained(args.base or Path(args.preset_dir) / "teacher")
     base.eval().requires_grad_(False)
     pipe = MagicI2VPipeline(transformer=base, **comps)
     gen = torch.Generator().manual_seed(args.seed)

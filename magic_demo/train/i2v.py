@@ -7,8 +7,8 @@ velocity n - x0 of x_t = sigma*n + (1-sigma)*x0, with captions dropped 10% of th
 
     python -m magic_demo.train.i2v --out runs/i2v --vae assets/mini/vae --minutes 120
 
-Resumable: the latest checkpoint in --out is picked up. Every checkpoint exports the whole preset folder
-(transformer + frozen components) to --export, the folder the `mini` preset loads.
+Resumable: the latest checkpoint in --out is picked up. Every checkpoint exports the teacher + frozen components to --export (teacher/ of the folder the `mini`
+presets load; `magic_demo.train.distill` turns it into the 4-step student in transformer/).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from magic_demo.tiny import (TinyConfig, build_clip_text, build_image_processor,
 MINI = TinyConfig(latent_channels=16, heads=4, head_dim=32, rope_axes_dim=(8, 12, 12), double_layers=2,
                   single_layers=2, refiner_layers=1, text_hidden=64, text_layers=2, vision_image_size=32,
                   vision_patch=8, clip_hidden=64, patch_size=2)
+TEACHER = "teacher"  # the preset folder's teacher/ (the distilled student the app runs is transformer/)
 FROZEN = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
 
 
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
         say(f"resumed at step {step}")
     elif args.init:
         transformer.load_state_dict(
-            type(transformer).from_pretrained(Path(args.init) / "transformer").state_dict())
+            type(transformer).from_pretrained(Path(args.init) / TEACHER).state_dict())
         info = Path(args.init) / "training.json"
         step = json.loads(info.read_text()).get("i2v_step", 0) if info.is_file() else 0
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
@@ -166,11 +167,11 @@ def export(pipe: MagicI2VPipeline, dest: Path, frozen_dir: Path, step: int, scor
     VAE trainer may still be improving its decoder there (with --freeze-encoder the latent space does not move)."""
     staging = dest / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    pipe.transformer.save_pretrained(staging / "transformer", safe_serialization=True)
+    pipe.transformer.save_pretrained(staging / TEACHER, safe_serialization=True)
     names = [n for n in FROZEN if n != "vae" or not (dest / "vae" / "config.json").is_file()]
     for name in names:
         shutil.copytree(frozen_dir / name, staging / name)
-    for name in ("transformer", *names):
+    for name in (TEACHER, *names):
         shutil.rmtree(dest / name, ignore_errors=True)
         (staging / name).rename(dest / name)
     shutil.rmtree(staging, ignore_errors=True)
