@@ -101,11 +101,17 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
                   "--export", str(tmp_path / "g4"), "--max-iters", "2", *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
-                  "--export", str(tmp_path / "g4"), "--max-iters", "4", *common])  # resumes at 2
+                  "--export", str(tmp_path / "g4"), "--max-iters", "6", *common])  # resumes at 2
     curve = (tmp_path / "dmd2" / "curve.json").read_text()
-    assert '"iter": 2' in curve and '"iter": 4' in curve
+    assert '"iter": 2' in curve and '"iter": 6' in curve
     assert "resumed at iteration 2" in (tmp_path / "dmd2" / "train.log").read_text()
-    assert HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "g4").config.guidance_embeds
+    state = torch.load(tmp_path / "dmd2" / "ckpt.pt", weights_only=True)["dmd2"]
+    assert (state["fake_updates"], state["g_updates"]) == (6, 1)  # counters survive the restart
+    g4 = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "g4")
+    assert g4.config.guidance_embeds
+    # the 5th fake update was followed by a generator update: the exported generator moved off its (frozen) base
+    base = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student").state_dict()
+    assert any(not torch.equal(p, base[k]) for k, p in g4.state_dict().items())
     # the T2V variant of the recipe (Fig. 5) runs on the same teacher
     distill.main(["dmd2", "--t2v", "--out", str(tmp_path / "t2v"), "--max-iters", "2", *common])
     assert '"iter": 2' in (tmp_path / "t2v" / "curve.json").read_text()

@@ -40,7 +40,7 @@ class DMD2:
                  lr_g: float = 1e-5):
         self.cfg = cfg
         self.sigmas = sigmas  # G's few-step schedule, ending in 0
-        self.generator = copy.deepcopy(base).train()
+        self.generator = copy.deepcopy(base).train().requires_grad_(True)  # the base may come in frozen
         self.score = copy.deepcopy(base).eval()
         self.score.requires_grad_(False)
         self.score.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
@@ -52,6 +52,23 @@ class DMD2:
         self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=lr_g, weight_decay=0.0)
         self.fake_updates = 0
         self.g_updates = 0
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: G, the fake LoRA, both optimizers and the update counters."""
+        return {"generator": self.generator.state_dict(),
+                "lora": {n: p.detach().clone() for n, p in self.score.named_parameters() if "lora_" in n},
+                "opt_g": self.opt_g.state_dict(), "opt_fake": self.opt_fake.state_dict(),
+                "fake_updates": self.fake_updates, "g_updates": self.g_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        params = dict(self.score.named_parameters())
+        with torch.no_grad():
+            for name, value in state["lora"].items():
+                params[name].copy_(value)
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_fake.load_state_dict(state["opt_fake"])
+        self.fake_updates, self.g_updates = state["fake_updates"], state["g_updates"]
 
     def _guidance(self, n: int) -> Optional[torch.Tensor]:
         return None if self.cfg.guidance_scale is None else torch.full((n,), float(self.cfg.guidance_scale))

@@ -82,7 +82,11 @@ def main(argv=None) -> None:
     it = 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        trained.load_state_dict(state["model"])
+        if args.recipe == "cfg":
+            trained.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        else:
+            dmd.load_state_dict(state["dmd2"])
         it, curve = state["iter"], json.loads(state["curve"])
         say(f"resumed at iteration {it}")
 
@@ -114,7 +118,9 @@ def main(argv=None) -> None:
         if it % args.eval_every == 0 or time.time() >= t_end or it >= args.max_iters:
             curve.append({"iter": it, **evaluate(trained)})
             say(f"iter {it} eval {curve[-1]}")
-            torch.save({"model": trained.state_dict(), "iter": it, "curve": json.dumps(curve)}, out / "ckpt.tmp")
+            state = {"model": trained.state_dict(), "opt": opt.state_dict()} if args.recipe == "cfg" else {
+                "dmd2": dmd.state_dict()}
+            torch.save({**state, "iter": it, "curve": json.dumps(curve)}, out / "ckpt.tmp")
             (out / "ckpt.tmp").replace(ckpt)
             (out / "curve.json").write_text(json.dumps(curve, indent=1))
             if args.export:
