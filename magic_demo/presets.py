@@ -53,7 +53,7 @@ class Preset:
     window_frames: int = 33
     steps: int = 4
     seconds: float = 4.0
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.0  # guidance input w of a CFG-distilled transformer (~ two-pass CFG at 1 + w)
     prompt_template: PromptTemplate = field(default_factory=PromptTemplate)
     text_to_image: Optional[Callable[[], object]] = None  # builds a first_frame.TextToImage
     gallery_index: Optional[Path] = None  # retrieval index folder (RetrievalIndex.load)
@@ -100,8 +100,8 @@ PRESETS: dict[str, Preset] = {
                build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0,
                text_to_image=_tiny_text_to_image, gallery_index=ASSETS / "gallery_index"),
         Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini); the 4-step "
-               "student distilled from the teacher (CFG distillation + DMD2)", **_MINI),
-        Preset("mini-8step", "the miniature 8-step DMD2 student (Table 1 comparison)", steps=8,
+               "student distilled from the teacher (CFG distillation + DMD2)", guidance_scale=3.0, **_MINI),
+        Preset("mini-8step", "the miniature 8-step DMD2 student (Table 1 comparison)", steps=8, guidance_scale=3.0,
                transformer_folder="student_8step", **_MINI),
         Preset("mini-teacher", "the undistilled miniature teacher: Euler with two-pass CFG (Table 1 comparison)",
                steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI),

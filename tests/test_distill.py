@@ -103,7 +103,7 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
                   "--export", str(tmp_path / "g4"), "--max-iters", "6", *common])  # resumes at 2
     curve = (tmp_path / "dmd2" / "curve.json").read_text()
-    assert '"iter": 2' in curve and '"iter": 6' in curve
+    assert '"iter": 0' in curve and '"iter": 2' in curve and '"iter": 6' in curve
     assert "resumed at iteration 2" in (tmp_path / "dmd2" / "train.log").read_text()
     state = torch.load(tmp_path / "dmd2" / "ckpt.pt", weights_only=True)["dmd2"]
     assert (state["fake_updates"], state["g_updates"]) == (6, 1)  # counters survive the restart

@@ -97,6 +97,9 @@ def main(argv=None) -> None:
         model.train()
         return score.as_dict()
 
+    if not curve:  # the starting point of the curve: the base itself
+        curve.append({"iter": 0, **evaluate(trained)})
+        say(f"iter 0 eval {curve[-1]}")
     t_end = time.time() + 60 * args.minutes
     while time.time() < t_end and it < args.max_iters:
         video, captions, firsts = sample_clips(10_000 + it, args.batch, args.frames, args.size, args.fps, args.seed,
