@@ -111,6 +111,12 @@ def _eval(args: argparse.Namespace) -> int:
         results["long_video"] = evaluate.evaluate_long_video(pipe, seconds=args.seconds, fps=preset.fps,
                                                              window_frames=preset.window_frames, n=args.videos,
                                                              size=preset.width)
+        from magic_demo.video_io import read_video
+
+        # README figure: one frame per second of the first 12 s of each long video
+        videos = [read_video(r["video"])[0] for r in results["long_video"]["runs"]]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        evaluate.contact_sheet(videos, every=preset.fps, max_frames=12).save(Path(args.out) / f"{preset.name}_samples.png")
     if "t2i" in args.what:
         from magic_demo.mini_t2i import evaluate_t2i
 

@@ -148,7 +148,8 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
         found = [world.find_shape(f, bg) for f in frames]
         present.append(np.mean([shape_present(d, pixels) for d in found]))
         kept.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
-        reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"]})
+        reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"],
+                        "video": str(done.video_path)})
     return {"videos": n, "seconds": seconds, "colour_kept": round(float(np.mean(kept)), 4),
             "present": round(float(np.mean(present)), 4), "runs": reports}
 

@@ -39,3 +39,29 @@ def test_bad_arguments_exit_2_with_message(tmp_path, first_frame):
     assert done.returncode == 2 and "seconds must be" in done.stderr
     done = run_cli("generate", "--preset", "tiny-random", "--image", str(tmp_path / "missing.png"), "--prompt", "x")
     assert done.returncode == 2 and "cannot be read" in done.stderr
+
+
+def test_eval_prints_figures_and_writes_the_sample_sheet(tmp_path):
+    done = run_cli("eval", "--preset", "tiny-random", "--what", "i2v", "long", "--clips", "2", "--steps", "2",
+                   "--videos", "1", "--seconds", "2", "--out", str(tmp_path), "--json", str(tmp_path / "e.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert results["i2v_2_steps"]["clips"] == 2 and 0 <= results["i2v_2_steps"]["motion_accuracy"] <= 1
+    assert results["long_video"]["videos"] == 1 and results["long_video"]["runs"][0]["frames"] == 16
+    from PIL import Image
+
+    assert Image.open(tmp_path / "tiny-random_samples.png").size[0] > 0
+
+
+def test_table1_and_fig5_from_the_shipped_miniature_presets(tmp_path):
+    curve = [{"iter": i, "motion_accuracy": 0.5, "colour_kept": 0.5} for i in (0, 100)]
+    (tmp_path / "c.json").write_text(json.dumps(curve))
+    done = run_cli("eval", "--what", "table1", "fig5", "--clips", "1", "--seeds", "1", "--out", str(tmp_path),
+                   "--curves", f"TI2V={tmp_path / 'c.json'}", f"T2V={tmp_path / 'c.json'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "table1.json").read_text())
+    assert [r["steps"] for r in rows] == [0, 56, 28, 16, 8, 4, 8, 4]  # data, teacher x5, students 8 and 4
+    assert all(r["clips"] == 1 for r in rows)
+    assert (tmp_path / "fig5_dmd2_ti2v_vs_t2v.png").stat().st_size > 5000
+    bad = run_cli("eval", "--what", "fig5", "--curves", "no-equals-sign", "--out", str(tmp_path))
+    assert bad.returncode != 0 and "NAME=PATH" in bad.stderr
