@@ -50,7 +50,8 @@ def first_frame(size: int) -> Image.Image:
 
 def request(preset, seconds, **kw) -> VideoRequest:
     return VideoRequest(image=first_frame(preset.width), prompt=PROMPT, seconds=seconds, fps=preset.fps,
-                        steps=preset.steps, seed=0, window_frames=preset.window_frames, **kw)
+                        steps=preset.steps, seed=0, window_frames=preset.window_frames,
+                        guidance_scale=preset.guidance_scale, **kw)
 
 
 def run(pipe, preset, seconds, out_dir) -> dict:
@@ -97,20 +98,23 @@ def bench_memory(preset_name, threads) -> dict:
     return {"peak_rss_5s_mb": peaks[5], "peak_rss_60s_mb": peaks[60], "ratio": round(peaks[60] / peaks[5], 3)}
 
 
-def bench_int8(preset, out_dir) -> dict:
-    res = {}
-    frames = {}
+def bench_int8(preset, out_dir, rounds: int = 9) -> dict:
+    """int8 vs fp32 one-window time, measured alternately (A B A B ...), medians."""
+    res, frames, times, pipes = {}, {}, {}, {}
     for mode in ("none", "int8"):
-        pipe = load_pipeline(preset, quantize=mode)
-        res[mode] = {"weight_bytes": sum(weight_bytes(getattr(pipe, n)) for n in
+        pipes[mode] = load_pipeline(preset, quantize=mode)
+        res[mode] = {"weight_bytes": sum(weight_bytes(getattr(pipes[mode], n)) for n in
                                          ("transformer", "text_encoder", "text_encoder_2"))}
-        times = []
-        for _ in range(3):
+        times[mode] = []
+    for i in range(rounds + 1):
+        for mode in ("none", "int8"):
             t = time.perf_counter()
-            frames[mode] = pipe(first_frame(preset.width), PROMPT, num_frames=preset.window_frames,
-                                steps=preset.steps, seed=0).float()
-            times.append(time.perf_counter() - t)
-        res[mode]["window_s"] = round(statistics.median(times), 4)
+            frames[mode] = pipes[mode](first_frame(preset.width), PROMPT, num_frames=preset.window_frames,
+                                       steps=preset.steps, seed=0, guidance_scale=preset.guidance_scale).float()
+            if i:  # the first round warms up
+                times[mode].append(time.perf_counter() - t)
+    for mode in ("none", "int8"):
+        res[mode]["window_s"] = round(statistics.median(times[mode]), 4)
     res["bytes_ratio_fp32_over_int8"] = round(res["none"]["weight_bytes"] / res["int8"]["weight_bytes"], 2)
     res["speed_ratio_int8_over_fp32"] = round(res["int8"]["window_s"] / res["none"]["window_s"], 3)
     res["mean_abs_diff_0_255"] = round(float((frames["none"] - frames["int8"]).abs().mean()), 3)

@@ -106,11 +106,13 @@ def _eval(args: argparse.Namespace) -> int:
         for steps in args.steps:
             results[f"i2v_{steps}_steps"] = evaluate.evaluate_i2v(
                 pipe, n=args.clips, steps=steps, num_frames=preset.window_frames, fps=preset.fps,
-                size=preset.width).as_dict()
+                size=preset.width, guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale
+            ).as_dict()
     if "long" in args.what:
         results["long_video"] = evaluate.evaluate_long_video(pipe, seconds=args.seconds, fps=preset.fps,
                                                              window_frames=preset.window_frames, n=args.videos,
-                                                             size=preset.width)
+                                                             size=preset.width, guidance_scale=preset.guidance_scale,
+                                                             true_cfg_scale=preset.true_cfg_scale)
         from magic_demo.video_io import read_video
 
         # README figure: one frame per second of the first 12 s of each long video

@@ -128,7 +128,8 @@ def evaluate_i2v(pipe, n: int = 10, steps: int = 4, num_frames: int = 17, fps: i
 
 
 def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames: int = 17, n: int = 2,
-                        steps: int = 4, size: int = 64, out_dir: str = "outputs/eval") -> dict:
+                        steps: int = 4, size: int = 64, out_dir: str = "outputs/eval", guidance_scale: float = 1.0,
+                        true_cfg_scale: float = 1.0) -> dict:
     """Sliding-window videos (default one minute): fraction of frames where the shape is present with the prompt's
     colour class, and motion class of each window, read back from the written mp4."""
     from pathlib import Path
@@ -140,7 +141,7 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
     for i, spec in enumerate(held_out_specs(n, seed=20_000)):
         image = Image.fromarray(world.render_first_frame(spec, size=size))
         req = VideoRequest(image=image, prompt=world.caption(spec), seconds=seconds, fps=fps, steps=steps, seed=i,
-                           window_frames=window_frames)
+                           window_frames=window_frames, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale)
         done = generate_video(pipe, req, Path(out_dir) / f"long_{i}.mp4")
         frames, _ = read_video(done.video_path)
         bg = np.asarray(spec.bg_rgb, np.float32)

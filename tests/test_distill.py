@@ -124,3 +124,12 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
     assert student(image, "a red circle moves left on a black background", num_frames=5, steps=4,
                    guidance_scale=3.0).shape == (5, 32, 32, 3)
+
+
+def test_shipped_mini_presets_are_the_distilled_students_and_the_teacher():
+    student, student8, teacher = (load_pipeline(n) for n in ("mini", "mini-8step", "mini-teacher"))
+    assert student.has_guidance_input and student8.has_guidance_input and not teacher.has_guidance_input
+    assert (student.preset.steps, student8.preset.steps) == (4, 8) and teacher.preset.true_cfg_scale > 1
+    # the students differ from each other and from the teacher they were distilled from (int8 weights)
+    q = [p.transformer.transformer_blocks[0].attn.to_q.weight.dequantize() for p in (student, student8, teacher)]
+    assert not torch.equal(q[0], q[1]) and not torch.equal(q[0], q[2])

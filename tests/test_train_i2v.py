@@ -29,7 +29,7 @@ def test_i2v_trainer_checkpoints_resumes_and_exports_a_loadable_preset(tmp_path)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "resumed at step 2" in log and "eval (4 steps" in log
     info = json.loads((tmp_path / "mini" / "training.json").read_text())
-    assert info["i2v_step"] in (2, 3) and 0 <= info["eval"]["motion_accuracy"] <= 1
+    assert info["teacher"]["i2v_step"] in (2, 3) and 0 <= info["teacher"]["eval_4_steps"]["motion_accuracy"] <= 1
     # the exported folder is a complete preset the engine loads (int8 by default)
     preset = Preset("exported", "test export", path=tmp_path / "mini", width=32, height=32, buckets=((32, 32),),
                     window_frames=5, transformer_folder="teacher")

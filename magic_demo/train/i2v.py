@@ -112,7 +112,7 @@ def main(argv=None) -> None:
         transformer.load_state_dict(
             type(transformer).from_pretrained(Path(args.init) / TEACHER).state_dict())
         info = Path(args.init) / "training.json"
-        step = json.loads(info.read_text()).get("i2v_step", 0) if info.is_file() else 0
+        step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
     n_params = sum(p.numel() for p in transformer.parameters())
     say(f"transformer {n_params / 1e6:.2f}M params, batch {args.batch} x {args.frames} frames, lr {args.lr}")
@@ -175,7 +175,10 @@ def export(pipe: MagicI2VPipeline, dest: Path, frozen_dir: Path, step: int, scor
         shutil.rmtree(dest / name, ignore_errors=True)
         (staging / name).rename(dest / name)
     shutil.rmtree(staging, ignore_errors=True)
-    (dest / "training.json").write_text(json.dumps({"i2v_step": step, "eval": score.as_dict()}, indent=1))
+    info = dest / "training.json"
+    record = json.loads(info.read_text()) if info.is_file() else {}
+    record["teacher"] = {"folder": TEACHER, "i2v_step": step, "eval_4_steps": score.as_dict()}
+    info.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
