@@ -201,3 +201,19 @@ def _as_int(value, name: str) -> int:
     if as_float != as_float or as_float in (float("inf"), float("-inf")) or as_float != int(as_float):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return int(as_float)
+
+
+def launch_local(service: DemoService, queue_size: int = 4) -> tuple[gr.Blocks, str]:
+    """Build the app and serve it on a free loopback port without blocking (browser tests, benchmarks).
+    Serves the service's outputs and `assets/`; returns (the running Blocks, its URL); `close()` it when done."""
+    import socket
+
+    from magic_demo.presets import ASSETS
+
+    demo = build_app(service).queue(max_size=queue_size, default_concurrency_limit=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(service.outputs_dir), str(ASSETS)])
+    return demo, f"http://127.0.0.1:{port}/"

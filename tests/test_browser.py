@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +16,13 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "app_screenshot.p
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from magic_demo.presets import ASSETS
     from magic_demo.service import DemoService
-    from magic_demo.ui import build_app
+    from magic_demo.ui import launch_local
 
-    outputs = tmp_path_factory.mktemp("outputs")
-    service = DemoService("tiny-random", outputs_dir=outputs)
+    service = DemoService("tiny-random", outputs_dir=tmp_path_factory.mktemp("outputs"))
     service.warm_up()
-    demo = build_app(service).queue(max_size=4, default_concurrency_limit=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs), str(ASSETS)])
-    yield f"http://127.0.0.1:{port}/"
+    demo, url = launch_local(service)
+    yield url
     demo.close()
 
 
