@@ -43,7 +43,7 @@ def held_out_specs(n: int, seed: int = 10_000) -> list[world.ClipSpec]:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return 99.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def clip_metrics(clip: np.ndarray, spec: world.ClipSpec, fps: int, first_frame: np.ndarray | None = None) -> dict:

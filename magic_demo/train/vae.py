@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from magic_demo.autoencoder import decode_raw, encode_raw
+from magic_demo.evaluate import psnr as frame_psnr
 
 from magic_demo import world
 
@@ -111,8 +112,7 @@ def evaluate(model, num_clips=16, num_frames=9, size=64, fps=8):
     z = encode(model, x)
     y = decode(model, z)[:, :, :num_frames]
     orig, rec = to_uint8(x), to_uint8(y)
-    mse = np.mean((orig.astype(np.float64) - rec.astype(np.float64)) ** 2)
-    psnr = 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+    psnr = frame_psnr(orig, rec)
     shape_err, bg_err, colour_ok, motion_ok = [], [], 0, 0
     for o, r, spec in zip(orig, rec, specs):
         core = np.stack([np.linalg.norm(f.astype(np.float32) - spec.bg_rgb, axis=-1) >
