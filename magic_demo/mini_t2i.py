@@ -1,11 +1,14 @@
-"""The miniature text-to-image first-frame model: pixel-space rectified flow at 64x64.
+"""The miniature text-to-image first-frame model: rectified flow at 64x64, in the video VAE's latent space or
+in pixels.
 
-Route (see assets/mini/t2i/TRAINING.md for the measurements): the video VAE is still training, so the first-frame
-model works directly on RGB pixels (3 channels, [-1, 1]) at the world's 64x64 size; a 64x64 image in 4x4 patches
-is only 256 tokens, as cheap as a latent model would be. Components, all diffusers/transformers classes:
+Routes (see assets/mini/t2i/TRAINING.md for the measurements): with a ``vae`` component (the miniature world's
+per-frame ``AutoencoderTiny``) the denoiser works on its 16 x 8 x 8 latents, like the real text-to-image models,
+and the decoder draws the crisp edges; without one it works directly on RGB pixels (3 channels, [-1, 1]; a
+64x64 image in 4x4 patches is 256 tokens). Components, all diffusers/transformers classes:
 
-* ``transformer``: ``PixArtTransformer2DModel`` (in/out 3 channels, patch 4, adaLN-single timestep conditioning,
-  text cross-attention, no additional conditions), predicting the flow velocity ``noise - image``;
+* ``transformer``: ``PixArtTransformer2DModel`` (in/out = latent or RGB channels, adaLN-single timestep
+  conditioning, text cross-attention, no additional conditions), predicting the flow velocity ``noise - x0``;
+* ``vae`` (optional): ``AutoencoderTiny``, frozen, scaled latents as ``magic_demo.autoencoder`` defines them;
 * ``text_encoder``: a small ``CLIPTextModel`` over the world's word-level tokenizer, trained jointly;
 * ``tokenizer``: ``magic_demo.tiny.build_word_tokenizer()`` (fixed length, right padding);
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (Euler, shifted sigmas as in ``magic_demo.sampling``).
@@ -24,13 +27,14 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from diffusers import (DiffusionPipeline, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderTiny, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                       PixArtTransformer2DModel, UNet2DConditionModel)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from magic_demo import world
+from magic_demo.autoencoder import decode_latents, encode_video, latent_geometry
 from magic_demo.sampling import MAX_STEPS, build_sigmas
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "mini" / "t2i"
@@ -42,20 +46,19 @@ HELDOUT_COUNT = 64
 
 # --------------------------------------------------------------------------------------------- pipeline
 class MiniT2IPipeline(DiffusionPipeline):
-    """Text -> 64x64 RGB first frame with a pixel-space flow-matching transformer (see the module docstring)."""
+    """Text -> 64x64 RGB first frame with a flow-matching denoiser, in latent or pixel space (module docstring)."""
 
-    model_cpu_offload_seq = "text_encoder->transformer->unet"
-    _optional_components = ["transformer", "unet"]
-    vae_scale_factor = 1  # pixel space: no autoencoder (TextToImage reads this to round sizes)
+    model_cpu_offload_seq = "text_encoder->transformer->unet->vae"
+    _optional_components = ["transformer", "unet", "vae"]
 
     def __init__(self, text_encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerFast,
                  scheduler: FlowMatchEulerDiscreteScheduler, transformer: Optional[PixArtTransformer2DModel] = None,
-                 unet: Optional[UNet2DConditionModel] = None):
+                 unet: Optional[UNet2DConditionModel] = None, vae: Optional[AutoencoderTiny] = None):
         super().__init__()
         if (transformer is None) == (unet is None):
             raise ValueError("give exactly one denoiser: `transformer` (PixArt) or `unet` (UNet2DConditionModel)")
         self.register_modules(transformer=transformer, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                              scheduler=scheduler)
+                              scheduler=scheduler, vae=vae)
 
     # ---- helpers
     @property
@@ -63,15 +66,31 @@ class MiniT2IPipeline(DiffusionPipeline):
         return self.transformer if self.transformer is not None else self.unet
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (1 in pixel space); TextToImage reads this to round sizes."""
+        return latent_geometry(self.vae).spatial_ratio if self.vae is not None else 1
+
+    @property
     def patch_size(self) -> int:
-        """Height and width must be multiples of this (the patch size, or the UNet's total downsampling)."""
+        """Height and width must be multiples of this (pixels per patch, or per the UNet's total downsampling)."""
         if self.transformer is not None:
-            return int(self.transformer.config.patch_size)
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+            return int(self.transformer.config.patch_size) * self.vae_scale_factor
+        return 2 ** (len(self.unet.config.block_out_channels) - 1) * self.vae_scale_factor
 
     @property
     def default_size(self) -> int:
-        return int(self.denoiser.config.sample_size)
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    def sample_shape(self, n: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of what the denoiser works on: latents [n, C, h, w] (or pixels [n, 3, H, W])."""
+        f = self.vae_scale_factor
+        return (n, int(self.denoiser.config.in_channels), height // f, width // f)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Training targets: images [B, 3, H, W] in [-1, 1] -> what the denoiser generates (scaled latents)."""
+        if self.vae is None:
+            return images
+        return encode_video(self.vae, images[:, :, None])[:, :, 0]
 
     @property
     def max_tokens(self) -> int:
@@ -109,8 +128,9 @@ class MiniT2IPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         n = len(prompts) * num_images_per_prompt
-        if latents is not None and tuple(latents.shape) != (n, 3, height, width):
-            raise ValueError(f"`latents` must have shape {(n, 3, height, width)}, got {tuple(latents.shape)}")
+        if latents is not None and tuple(latents.shape) != self.sample_shape(n, height, width):
+            raise ValueError(f"`latents` must have shape {self.sample_shape(n, height, width)}, "
+                             f"got {tuple(latents.shape)}")
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"`generator` list must have one generator per image ({n}), got {len(generator)}")
         return prompts
@@ -128,7 +148,7 @@ class MiniT2IPipeline(DiffusionPipeline):
     def prepare_latents(self, n, height, width, generator, latents, device) -> torch.Tensor:
         if latents is not None:
             return latents.to(device=device, dtype=torch.float32)
-        shape = (n, 3, height, width)
+        shape = self.sample_shape(n, height, width)
         if isinstance(generator, list):
             return torch.cat([torch.randn((1,) + shape[1:], generator=g, device=device) for g in generator])
         return torch.randn(shape, generator=generator, device=device)
@@ -174,7 +194,7 @@ class MiniT2IPipeline(DiffusionPipeline):
             neg_context, neg_mask = self.encode_prompt(neg, device)
             context, mask = torch.cat([neg_context, context]), torch.cat([neg_mask, mask])
 
-        # 3. Prepare the starting noise (pixels, fp32) and the shifted sigma schedule
+        # 3. Prepare the starting noise (latents or pixels, fp32) and the shifted sigma schedule
         x = self.prepare_latents(n, height, width, generator, latents, device)
         build_sigmas(self.scheduler, int(num_inference_steps))
         timesteps = self.scheduler.timesteps.to(device)
@@ -193,7 +213,9 @@ class MiniT2IPipeline(DiffusionPipeline):
                     x = out.get("latents", x)
                 bar.update()
 
-        # 5. Output: [-1, 1] pixels -> PIL / numpy [0, 1] / tensor [0, 1]
+        # 5. Decode (latent route) and output: [-1, 1] pixels -> PIL / numpy [0, 1] / tensor [0, 1]
+        if self.vae is not None:
+            x = decode_latents(self.vae, x[:, :, None])[:, :, 0]
         images = ((x.clamp(-1, 1) + 1) / 2).float().cpu()
         if output_type == "pil":
             arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -217,11 +239,13 @@ def denoise(pipe: MiniT2IPipeline, x: torch.Tensor, t: torch.Tensor, context: to
 
 
 # --------------------------------------------------------------------------------------------- building / loading
-def build_mini_t2i(model_cfg: dict, shift: float = 3.0, seed: int = 0) -> MiniT2IPipeline:
-    """A freshly initialised pipeline from a small config dict.
+def build_mini_t2i(model_cfg: dict, shift: float = 3.0, seed: int = 0,
+                   vae: Optional[AutoencoderTiny] = None) -> MiniT2IPipeline:
+    """A freshly initialised pipeline from a small config dict; with a (frozen, trained) ``vae`` the denoiser
+    works on its latents.
 
     ``arch="pixart"`` (keys heads, head_dim, layers, patch) or ``arch="unet"`` (keys channels, attention blocks
-    only at the lowest resolution); both: text_hidden, text_layers, size, max_tokens."""
+    only at the lowest resolution); both: text_hidden, text_layers, size (pixels), max_tokens."""
     from transformers import CLIPTextConfig
 
     from magic_demo.tiny import EOS_ID, BOS_ID, PAD_ID, build_word_tokenizer
@@ -237,23 +261,27 @@ def build_mini_t2i(model_cfg: dict, shift: float = 3.0, seed: int = 0) -> MiniT2
         num_attention_heads=max(1, h // 32), max_position_embeddings=int(cfg["max_tokens"]), pad_token_id=PAD_ID,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, projection_dim=h))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+    channels = latent_geometry(vae).channels if vae is not None else 3
+    side = int(cfg["size"]) // (latent_geometry(vae).spatial_ratio if vae is not None else 1)
     if cfg["arch"] == "pixart":
         width = int(cfg["heads"]) * int(cfg["head_dim"])
         denoiser = {"transformer": PixArtTransformer2DModel(
-            num_attention_heads=int(cfg["heads"]), attention_head_dim=int(cfg["head_dim"]), in_channels=3,
-            out_channels=3, num_layers=int(cfg["layers"]), cross_attention_dim=width, sample_size=int(cfg["size"]),
+            num_attention_heads=int(cfg["heads"]), attention_head_dim=int(cfg["head_dim"]), in_channels=channels,
+            out_channels=channels, num_layers=int(cfg["layers"]), cross_attention_dim=width, sample_size=side,
             patch_size=int(cfg["patch"]), caption_channels=h, use_additional_conditions=False, norm_num_groups=1)}
     elif cfg["arch"] == "unet":
         ch = tuple(int(c) for c in cfg["channels"])
         n = len(ch)
         denoiser = {"unet": UNet2DConditionModel(
-            sample_size=int(cfg["size"]), in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=ch,
+            sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=ch,
             down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
             up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), cross_attention_dim=h,
             attention_head_dim=int(cfg.get("unet_head_dim", 32)), norm_num_groups=int(cfg.get("norm_groups", 8)))}
     else:
         raise ValueError(f"`arch` must be 'pixart' or 'unet', got {cfg['arch']!r}")
-    pipe = MiniT2IPipeline(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, **denoiser)
+    if vae is not None:
+        vae = vae.eval().requires_grad_(False)
+    pipe = MiniT2IPipeline(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae, **denoiser)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -265,8 +293,9 @@ def load_mini_t2i(path: Union[str, Path] = DEFAULT_PATH) -> MiniT2IPipeline:
         raise FileNotFoundError(f"no mini T2I model at {path} (missing model_index.json); "
                                 "train one with `python -m magic_demo.train.t2i`")
     pipe = MiniT2IPipeline.from_pretrained(str(path), local_files_only=True)
-    pipe.denoiser.eval()
-    pipe.text_encoder.eval()
+    for module in (pipe.denoiser, pipe.text_encoder, pipe.vae):
+        if module is not None:
+            module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

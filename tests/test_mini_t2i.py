@@ -127,3 +127,29 @@ def test_unknown_arch_is_refused():
 
     with pytest.raises(ValueError, match="arch"):
         build_mini_t2i({"arch": "gan"})
+
+
+def test_latent_variant_trains_on_vae_latents_and_decodes_rgb(tmp_path):
+    from tests.test_train_i2v import tiny_vae_folder
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    cfg = {"arch": "pixart", "heads": 2, "head_dim": 8, "layers": 1, "patch": 1, "text_hidden": 16,
+           "text_layers": 1, "vae": str(vae)}
+    r = trainer.train(out=tmp_path / "run", max_steps=2, export_dir=tmp_path / "export", **{**TINY, "config": cfg})
+    assert r["state"]["step"] == 2 and np.isfinite(r["last_loss"])
+    pipe = load_mini_t2i(tmp_path / "export")
+    assert pipe.vae is not None and list((tmp_path / "export" / "vae").glob("*.safetensors"))
+    assert pipe.vae_scale_factor == 8 and pipe.default_size == 64 and pipe.patch_size == 8
+    assert pipe.transformer.config.in_channels == 4 and pipe.transformer.config.sample_size == 8
+    assert pipe.sample_shape(2, 64, 48) == (2, 4, 8, 6)
+    seen = []
+    out = pipe(PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=lambda p, i, t, kw: seen.append(tuple(kw["latents"].shape)))
+    assert seen == [(1, 4, 8, 8)] * 2  # the denoiser runs on latents ...
+    assert out.images.shape == (1, 64, 64, 3) and 0.0 <= out.images.min() <= out.images.max() <= 1.0  # ... RGB out
+    with pytest.raises(ValueError, match="latents"):
+        pipe(PROMPT, num_inference_steps=1, latents=torch.zeros(1, 3, 64, 64))  # pixel-shaped noise is refused
+    with pytest.raises(ValueError, match="height"):
+        pipe(PROMPT, height=60)  # not a whole number of latent pixels
+    frame = TextToImage(pipe, num_inference_steps=1, guidance_scale=2.0).generate(PROMPT, seed=0, bucket=(96, 64))
+    assert frame.image.size == (96, 64)

@@ -31,3 +31,14 @@ def test_train_resume_export(tmp_path, arch, frames):
     assert z.shape[-1] == 64 // 8
     assert y.shape[:2] == (2, 3) and y.shape[-2:] == (64, 64) and y.shape[2] >= T
     assert np.isfinite(y.numpy()).all()
+
+
+def test_export_selection_ranks_world_metrics_before_psnr(tmp_path):
+    sharp = {"frame_colour_kept": 0.9, "frame_shape_kept": 0.85, "psnr": 29.0}
+    blurry = {"frame_colour_kept": 0.8, "frame_shape_kept": 0.7, "psnr": 31.0}
+    assert tv.selection_score(sharp) > tv.selection_score(blurry)
+    tie = dict(sharp, psnr=30.0)
+    assert tv.selection_score(tie) > tv.selection_score(sharp)  # PSNR breaks ties
+    model = tv.prepare_model(tv.build_model("test-tiny"))
+    m = tv.evaluate(model, num_clips=2, num_frames=3)
+    assert 0.0 <= m["frame_colour_kept"] <= 1.0 and 0.0 <= m["frame_shape_kept"] <= 1.0

@@ -6,6 +6,8 @@
   same stream); the 64 held-out evaluation captions (``mini_t2i.heldout_captions``) are never used.
 * Loss: rectified flow, x_t = (1 - s) x0 + s n, target velocity n - x0, MSE weighted up on the shape's pixels
   (they are ~6% of the frame and carry colour and shape); s drawn half uniform, half shifted logit-normal.
+  With a config naming a ``vae`` (the miniature world's frozen autoencoder) x0 are its latents of the frame and
+  the weights the shape mask max-pooled to the latent grid.
   ~10% of captions are dropped to "" so classifier-free guidance works at inference.
 * Transformer and CLIP text encoder are trained jointly (AdamW, warm-up), with an EMA of both that is what gets
   evaluated and exported.
@@ -30,12 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderTiny
 
 from magic_demo import world
 from magic_demo.mini_t2i import (GENERATION_FILE, HELDOUT_SET, MiniT2IPipeline, build_mini_t2i, denoise,
                                  evaluate_t2i, load_mini_t2i)
 
 CONFIGS = {
+    # latent space of the world's VAE: 16 x 8 x 8 latents, one token per latent pixel (64 tokens)
+    "latent": {"arch": "pixart", "heads": 4, "head_dim": 32, "layers": 6, "patch": 1, "text_hidden": 64,
+               "text_layers": 2, "vae": "assets/mini/vae"},
     # conv UNet (pixel space, attention at 8x8 only): learns crisp shapes in far fewer steps than the transformer
     "unet": {"arch": "unet", "channels": (32, 64, 96, 128), "text_hidden": 64, "text_layers": 2},
     # 1.2M-param PixArt transformer (4 heads x 32, 4 layers, patch 4) + 0.1M CLIP text
@@ -75,6 +81,9 @@ def sample_sigmas(n: int, gen: torch.Generator, shift: float) -> torch.Tensor:
 def flow_loss(pipe: MiniT2IPipeline, x0, weights, caps, gen, shift: float, shape_weight: float):
     tok = pipe.tokenizer(caps, padding="max_length", max_length=pipe.max_tokens, truncation=True, return_tensors="pt")
     ctx = pipe.text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+    with torch.no_grad():
+        x0 = pipe.encode_images(x0)
+    weights = F.adaptive_max_pool2d(weights, x0.shape[-2:])
     s = sample_sigmas(x0.shape[0], gen, shift)
     noise = torch.randn(x0.shape, generator=gen)
     xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
@@ -110,7 +119,8 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     model_cfg = CONFIGS[config] if isinstance(config, str) else dict(config)
-    pipe = build_mini_t2i(model_cfg, shift=shift, seed=seed)
+    vae = AutoencoderTiny.from_pretrained(model_cfg["vae"]) if model_cfg.get("vae") else None
+    pipe = build_mini_t2i(model_cfg, shift=shift, seed=seed, vae=vae)
     state = {"step": 0, "train_seconds": 0.0, "config": model_cfg, "best": None, "evals": []}
     params = list(pipe.denoiser.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
