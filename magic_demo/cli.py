@@ -32,6 +32,7 @@ def _generate(args: argparse.Namespace) -> int:
         image=image, prompt=args.prompt, seconds=args.seconds if args.seconds is not None else preset.seconds,
         fps=args.fps or preset.fps, steps=args.steps or preset.steps, seed=args.seed,
         window_frames=args.window_frames or preset.window_frames, overlap=args.overlap, condition=args.condition,
+        colour_anchor=not args.no_colour_anchor,
         guidance_scale=preset.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         true_cfg_scale=preset.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, extra_report={"preset": preset.name})
     req.validate()  # fail before loading models
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--window-frames", type=int, default=None)
     gen.add_argument("--overlap", type=int, default=0, help="frames cross-faded between windows")
     gen.add_argument("--condition", default="last_frame", choices=["last_frame", "last_latent"])
+    gen.add_argument("--no-colour-anchor", action="store_true",
+                     help="condition each window on the model's last frame as is (no histogram match to frame 1)")
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--true-cfg-scale", type=float, default=None,
                      help="> 1 turns on classic two-pass CFG (default: the preset's)")

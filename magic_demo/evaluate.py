@@ -129,7 +129,7 @@ def evaluate_i2v(pipe, n: int = 10, steps: int = 4, num_frames: int = 17, fps: i
 
 def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames: int = 17, n: int = 2,
                         steps: int = 4, size: int = 64, out_dir: str = "outputs/eval", guidance_scale: float = 1.0,
-                        true_cfg_scale: float = 1.0) -> dict:
+                        true_cfg_scale: float = 1.0, colour_anchor: bool = True) -> dict:
     """Sliding-window videos (default one minute): fraction of frames where the shape is present with the prompt's
     colour class, and motion class of each window, read back from the written mp4."""
     from pathlib import Path
@@ -141,7 +141,8 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
     for i, spec in enumerate(held_out_specs(n, seed=20_000)):
         image = Image.fromarray(world.render_first_frame(spec, size=size))
         req = VideoRequest(image=image, prompt=world.caption(spec), seconds=seconds, fps=fps, steps=steps, seed=i,
-                           window_frames=window_frames, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale)
+                           window_frames=window_frames, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+                           colour_anchor=colour_anchor)
         done = generate_video(pipe, req, Path(out_dir) / f"long_{i}.mp4")
         frames, _ = read_video(done.video_path)
         bg = np.asarray(spec.bg_rgb, np.float32)
@@ -151,7 +152,7 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
         kept.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
         reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"],
                         "video": str(done.video_path)})
-    return {"videos": n, "seconds": seconds, "colour_kept": round(float(np.mean(kept)), 4),
+    return {"videos": n, "seconds": seconds, "colour_anchor": colour_anchor, "colour_kept": round(float(np.mean(kept)), 4),
             "present": round(float(np.mean(present)), 4), "runs": reports}
 
 

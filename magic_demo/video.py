@@ -27,7 +27,7 @@ from magic_demo.events import (CancelToken, Event, StepFinished, VideoFinished, 
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.sampling import MAX_STEPS, Cancelled
 from magic_demo.video_io import SegmentedMp4Writer
-from magic_demo.windows import FrameAssembler, derive_window_seed, plan_windows
+from magic_demo.windows import FrameAssembler, derive_window_seed, match_colours, plan_windows
 
 MAX_SECONDS = 60.0
 FPS_RANGE = (1, 60)
@@ -47,6 +47,7 @@ class VideoRequest:
     window_frames: int = 33
     overlap: int = 0
     condition: str = "last_frame"
+    colour_anchor: bool = True  # histogram-match each window's conditioning frame to the first frame (windows.py)
     guidance_scale: float = 1.0  # input of a CFG-distilled transformer (if it has a guidance embedding)
     true_cfg_scale: float = 1.0  # > 1: classic two-pass CFG (explicit opt-in)
     negative_prompt: str = ""
@@ -79,6 +80,8 @@ class VideoRequest:
         if not _is_int(self.overlap) or not 0 <= self.overlap <= self.window_frames - 2:
             raise ValueError(f"overlap must be an integer in [0, window_frames - 2 = {self.window_frames - 2}], "
                              f"got {self.overlap!r}")
+        if not isinstance(self.colour_anchor, bool):
+            raise ValueError(f"colour_anchor must be True or False, got {self.colour_anchor!r}")
         for name in ("guidance_scale", "true_cfg_scale"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 30:
@@ -144,6 +147,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     first_window_at: list[float] = []  # seconds from start to the first playable mp4
     cancelled = False
     cond_image, cond_latent = image, None
+    reference = np.asarray(image)  # the colour anchor's reference: the video's first frame
 
     def publish(writer: SegmentedMp4Writer, final: np.ndarray, k: int, n: int, tw: float) -> Path:
         """Writer thread: encode the window's final frames, re-join the mp4, announce it."""
@@ -168,7 +172,12 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
             tw = time.perf_counter()
             k, n = plan.index + 1, len(plans)
             emit(WindowStarted(k, n, plan.num_frames))
-            latent = cond_latent if cond_latent is not None else pipe.encode_image(cond_image)
+            if cond_latent is not None:
+                latent = cond_latent
+            elif req.colour_anchor and plan.index > 0:
+                latent = pipe.encode_image(Image.fromarray(match_colours(np.asarray(cond_image), reference)))
+            else:
+                latent = pipe.encode_image(cond_image)
             condition = pipe.prepare_condition(latent, geom.latent_frames(plan.num_frames))
             generator = torch.Generator().manual_seed(derive_window_seed(seed, plan.index))
             try:
@@ -207,7 +216,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
         preset=req.extra_report.get("preset", ""), frames=frames_out, requested_frames=req.total_frames,
         fps=req.fps, seconds=frames_out / req.fps, requested_seconds=req.seconds, windows=len(plans),
         windows_finished=len(per_window_s), window_frames=req.window_frames, overlap=req.overlap,
-        condition=req.condition, steps=req.steps, height=image.size[1], width=image.size[0],
+        condition=req.condition, colour_anchor=req.colour_anchor, steps=req.steps, height=image.size[1], width=image.size[0],
         transformer_calls=calls["transformer"], text_encoder_calls=calls["text_encoder"],
         text_encoder_2_calls=calls["text_encoder_2"], vae_encode_calls=calls["vae_encode"],
         vae_decode_calls=calls["vae_decode"], wall_s=round(wall, 4), per_window_s=[round(s, 4) for s in per_window_s],

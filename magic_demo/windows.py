@@ -12,6 +12,11 @@ Window k+1 starts on frame `end_k - 1 - O` of window k, whose pixels condition i
 or with `condition="last_latent"` and O = 0, the last latent frame reused). Each window adds F - 1 - O new
 frames; the last window is shortened to the smallest valid length, and the output is trimmed to exactly
 `total_frames`.
+
+Colour anchor: every window copies the colours of a frame the model made, so small hue errors compound over
+a minute (purple -> blue -> red -> ... in our measurements). With the anchor on, the frame that conditions the
+next window is first histogram-matched to the video's first frame (the "colour coherence" of long
+image-to-image animation tools); the video keeps the model's own frames, only the conditioning is corrected.
 """
 
 from __future__ import annotations
@@ -51,6 +56,21 @@ def plan_windows(total_frames: int, window_frames: int, overlap: int = 0, tempor
         start = plans[-1].end - 1 - overlap
         plans.append(WindowPlan(len(plans), start, min(window_frames, fit_frames(total_frames - start, temporal_ratio))))
     return plans
+
+
+def match_colours(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-channel histogram matching: `frame`'s values remapped so each channel's distribution follows
+    `reference`'s (both uint8 [H, W, 3]; sizes may differ). Equal input values stay equal (value-level CDFs,
+    not pixel ranks), so flat areas stay flat."""
+    out = np.empty_like(frame)
+    for c in range(frame.shape[-1]):
+        values, inverse, counts = np.unique(frame[..., c], return_inverse=True, return_counts=True)
+        ref_values, ref_counts = np.unique(reference[..., c], return_counts=True)
+        quantiles = np.cumsum(counts) / frame[..., c].size
+        ref_quantiles = np.cumsum(ref_counts) / reference[..., c].size
+        mapped = np.interp(quantiles, ref_quantiles, ref_values.astype(np.float64))
+        out[..., c] = np.round(mapped[inverse]).reshape(frame.shape[:-1]).astype(frame.dtype)
+    return out
 
 
 def derive_window_seed(seed: int, window: int) -> int:

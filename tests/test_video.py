@@ -114,6 +114,7 @@ def test_closing_the_stream_cancels_the_job(tiny_pipe, first_frame, tmp_path):
     (dict(steps=0), "steps"), (dict(steps=1000), "steps"), (dict(seed=-2), "seed"), (dict(seed=2**70), "seed"),
     (dict(seed="1"), "seed"), (dict(overlap=8), "overlap"), (dict(condition="middle"), "condition"),
     (dict(window_frames=10), "window_frames"), (dict(seconds=0.01, fps=8), "at least one frame"),
+    (dict(colour_anchor="yes"), "colour_anchor"),
 ])
 def test_bad_requests_name_the_parameter(tiny_pipe, first_frame, tmp_path, kw, name):
     with pytest.raises(ValueError, match=name):
@@ -158,3 +159,28 @@ def test_per_frame_vae_windows_skip_decoding_the_conditioning_frame(tmp_path, fi
     pipe.vae.to(memory_format=torch.channels_last)  # what load_pipeline does for a per-frame VAE on CPU
     assert np.abs(pipe.decode(lat).numpy().astype(int) - full.astype(int)).max() <= 1
     assert done.report["frames"] == 24 and len(read_video(done.video_path)[0]) == 24
+
+
+def test_colour_anchor_corrects_only_the_conditioning_of_later_windows(tiny_pipe, first_frame, tmp_path):
+    from magic_demo.windows import match_colours
+
+    def run(anchor, name):
+        seen = []
+        encode = tiny_pipe.encode_image
+        tiny_pipe.encode_image = lambda img: (seen.append(np.asarray(img).copy()), encode(img))[1]
+        try:
+            done = generate_video(tiny_pipe, make_request(first_frame, seconds=3.0, colour_anchor=anchor),
+                                  tmp_path / name)
+        finally:
+            del tiny_pipe.encode_image
+        return done, seen, read_video(done.video_path)[0]
+
+    plain, plain_seen, plain_frames = run(False, "plain.mp4")
+    anchored, seen, frames = run(True, "anchored.mp4")
+    assert plain.report["colour_anchor"] is False and anchored.report["colour_anchor"] is True
+    assert len(seen) == anchored.report["windows"] == 3
+    assert np.array_equal(seen[0], np.asarray(first_frame))  # window 1: the user's frame, untouched
+    # window 2 is conditioned on frame 8 of window 1, histogram-matched to the first frame
+    assert np.array_equal(seen[1], match_colours(plain_seen[1], np.asarray(first_frame)))
+    assert not np.array_equal(seen[1], plain_seen[1])
+    assert np.array_equal(frames[:9], plain_frames[:9])  # the video keeps the model's own frames up to there

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from magic_demo.windows import FrameAssembler, derive_window_seed, fit_frames, plan_windows
+from magic_demo.windows import FrameAssembler, derive_window_seed, fit_frames, match_colours, plan_windows
 
 
 @pytest.mark.parametrize("total,window,overlap", [(1, 9, 0), (9, 9, 0), (10, 9, 0), (40, 9, 2), (480, 33, 0),
@@ -64,3 +64,22 @@ def test_window_seeds_are_reproducible_and_distinct():
     assert seeds == [derive_window_seed(42, k) for k in range(20)]
     assert len(set(seeds)) == 20 and all(0 <= s < 2**63 for s in seeds)
     assert derive_window_seed(43, 0) != seeds[0]
+
+
+def _square(colour, x, bg=(0, 0, 40), size=32, side=8):
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:] = bg
+    img[10:10 + side, x:x + side] = colour
+    return img
+
+
+def test_match_colours_restores_a_drifted_hue_and_keeps_the_layout():
+    reference = _square((200, 40, 40), x=4)  # red square, first frame
+    drifted = _square((60, 60, 200), x=16)  # same square later, moved and drifted to blue
+    out = match_colours(drifted, reference)
+    inside = np.zeros((32, 32), bool)
+    inside[10:18, 16:24] = True
+    assert np.array_equal(out[inside], np.tile([200, 40, 40], (64, 1)))  # the shape is red again, where it is now
+    assert np.array_equal(out[~inside], np.tile([0, 0, 40], (1024 - 64, 1)))  # the background stays flat
+    assert np.array_equal(match_colours(reference, reference), reference)
+    assert out.dtype == np.uint8 and out.shape == drifted.shape
