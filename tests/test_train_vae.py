@@ -42,3 +42,16 @@ def test_export_selection_ranks_world_metrics_before_psnr(tmp_path):
     model = tv.prepare_model(tv.build_model("test-tiny"))
     m = tv.evaluate(model, num_clips=2, num_frames=3)
     assert 0.0 <= m["frame_colour_kept"] <= 1.0 and 0.0 <= m["frame_shape_kept"] <= 1.0
+
+
+def test_latent_scale_does_not_depend_on_the_eval_clip_count(tmp_path):
+    """A decoder-only run (frozen encoder) evaluated on more clips must export the very same scaling_factor:
+    the denoiser was trained on latents scaled by it."""
+    torch.manual_seed(0)
+    model = tv.prepare_model(tv.build_model("test-tiny"))
+    scales = []
+    for clips in (2, 3):
+        m = tv.evaluate(model, num_clips=clips, num_frames=3)
+        tv.export(model, tmp_path / f"e{clips}", m, "test-tiny", step=1)
+        scales.append(json.loads((tmp_path / f"e{clips}" / "config.json").read_text())["scaling_factor"])
+    assert scales[0] == scales[1] == tv.latent_scale(model)[0]

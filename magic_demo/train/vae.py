@@ -157,7 +157,10 @@ def save_grid(model, path, num_clips=4, num_frames=9, show_frames=(0, 2, 4, 6, 8
     model.train()
 
 
-def latent_scale(model, num_clips=16, num_frames=9):
+SCALE_CLIPS = 16  # latent std is always measured on the same held-out clips: a frozen encoder keeps its scale
+
+
+def latent_scale(model, num_clips=SCALE_CLIPS, num_frames=9):
     """scaling_factor so that scaled held-out latents have unit std (and their mean, for shift_factor)."""
     with torch.no_grad():
         model.eval()
@@ -167,10 +170,10 @@ def latent_scale(model, num_clips=16, num_frames=9):
     return 1.0 / max(float(z.std()), 1e-6), float(z.mean())
 
 
-def export(model, export_dir, metrics, arch, step, num_clips=16):
+def export(model, export_dir, metrics, arch, step, num_clips=4):
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    scale, mean = latent_scale(model, num_clips)
+    scale, mean = latent_scale(model)
     model.register_to_config(scaling_factor=scale)
     model.save_pretrained(export_dir, safe_serialization=True)
     save_grid(model, export_dir / "reconstructions.png", num_clips=min(4, num_clips))
@@ -254,7 +257,7 @@ def train(args):
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(m, step=step, time=time.time())) + "\n")
         if improved and args.export:
-            export(model, args.export, m, args.arch, step, args.eval_clips)
+            export(model, args.export, m, args.arch, step)
             say(f"exported best weights (score {best:.3f}, PSNR {m['psnr']:.2f} dB) to {args.export}")
 
     while True:
