@@ -30,6 +30,7 @@ class VideoSettings:
     steps: int = 4
     seed: int = -1
     overlap: int = 0
+    colour_anchor: bool = True
 
 
 class DemoService:
@@ -118,7 +119,8 @@ class DemoService:
         width, height = first_frame.image.size
         req = VideoRequest(image=first_frame.image, prompt=prompt or "", seconds=settings.seconds, fps=settings.fps,
                            steps=settings.steps, seed=settings.seed, window_frames=p.window_frames,
-                           overlap=settings.overlap, guidance_scale=p.guidance_scale,
+                           overlap=settings.overlap, colour_anchor=settings.colour_anchor,
+                           guidance_scale=p.guidance_scale,
                            true_cfg_scale=p.true_cfg_scale, width=width, height=height,
                            extra_report={"preset": p.name, "first_frame": first_frame.report(),
                                          "quantize": self.quantize})

@@ -78,14 +78,16 @@ def build_app(service: DemoService) -> gr.Blocks:
         return _save_frame(service, frame), frame.report()
 
     def generate(image_path: Optional[str], prompt: str, seconds: float, fps: float, steps: float, seed: float,
-                 overlap: float, provenance: Optional[dict] = None, request: gr.Request = None,
+                 overlap: float, colour_anchor: bool = True, provenance: Optional[dict] = None,
+                 request: gr.Request = None,
                  progress=gr.Progress()):
         if not image_path:
             raise gr.Error("Choose a first frame first: generate, retrieve or upload one.")
         try:
             frame = service.chosen_frame(image_path, provenance)
             settings = VideoSettings(seconds=float(seconds), fps=_as_int(fps, "fps"), steps=_as_int(steps, "steps"),
-                                     seed=_as_int(seed, "seed"), overlap=_as_int(overlap, "overlap"))
+                                     seed=_as_int(seed, "seed"), overlap=_as_int(overlap, "overlap"),
+                                     colour_anchor=bool(colour_anchor))
             events = service.run_video(_session(request), frame, prompt or "", settings)
             total_steps, done_steps, video, seed_used = 1, 0, None, settings.seed
             for event in events:
@@ -165,6 +167,8 @@ def build_app(service: DemoService) -> gr.Blocks:
                     steps = gr.Slider(1, 50, value=preset.steps, step=1, label="Steps")
                     seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, elem_id="seed")
                     overlap = gr.Slider(0, preset.window_frames - 2, value=0, step=1, label="Window overlap (frames)")
+                    colour_anchor = gr.Checkbox(value=True, label="Colour anchor: match each window's conditioning "
+                                                "frame to the first frame's colours (less drift over a minute)")
                 with gr.Row():
                     gen_btn = gr.Button("Generate video", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -187,7 +191,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         upload.upload(uploaded, [upload], [image, info], api_name=False)
         image.change(lambda p: p, [image], [frame_file], api_name=False)
         info.change(lambda d: d, [info], [provenance], api_name=False)
-        gen_btn.click(generate, [frame_file, prompt, seconds, fps, steps, seed, overlap, provenance],
+        gen_btn.click(generate, [frame_file, prompt, seconds, fps, steps, seed, overlap, colour_anchor, provenance],
                       [video, status, report, seed], api_name="generate", concurrency_id="model")
         stop_btn.click(stop, None, [status], api_name="stop", concurrency_limit=None)
     return demo

@@ -19,8 +19,9 @@ def upload_png(tmp_path_factory):
     return path
 
 
-def generate(client, image, seconds=2.0, steps=2, seed=3, overlap=0, prompt="a green square moves up"):
-    return client.submit(handle_file(str(image)), prompt, seconds, 8, steps, seed, overlap, api_name="/generate")
+def generate(client, image, seconds=2.0, steps=2, seed=3, overlap=0, prompt="a green square moves up", **kw):
+    return client.submit(handle_file(str(image)), prompt, seconds, 8, steps, seed, overlap, **kw,
+                         api_name="/generate")
 
 
 def test_named_endpoints(client):
@@ -49,7 +50,9 @@ def test_retrieved_first_frame(client):
     picked = gallery[0]["image"]
     assert Image.open(picked).size == (32, 32)
     final = list(generate(client, picked, seconds=1.0))[-1]
-    assert final[2]["frames"] == 8
+    assert final[2]["frames"] == 8 and final[2]["colour_anchor"] is True  # on unless unticked
+    final = list(generate(client, picked, seconds=2.0, colour_anchor=False))[-1]
+    assert final[2]["frames"] == 16 and final[2]["colour_anchor"] is False
 
 
 def test_uploaded_first_frame_and_random_seed_written_back(client, upload_png):

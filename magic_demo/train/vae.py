@@ -272,7 +272,13 @@ def train(args):
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.5 ** (step / args.halflife) if args.halflife else 1)
         for g in opt.param_groups:
             g["lr"] = lr
-        y = decode(model, encode(model, x))[:, :, :T]
+        z = encode(model, x)
+        if args.latent_noise:
+            # Decoder robustness: a denoiser's latents are never exactly the encoder's, so the decoder also learns
+            # to map nearby latents (up to latent_noise x their std) to the clean clip instead of to blotches.
+            level = args.latent_noise * z.detach().std() * torch.rand(z.shape[0], *([1] * (z.ndim - 1)))
+            z = z + level * torch.randn_like(z)
+        y = decode(model, z)[:, :, :T]
         w = 1 + args.shape_weight * mask
         loss = ((y - x) ** 2 * w).sum() / (w.sum() * 3)
         opt.zero_grad(set_to_none=True)
@@ -313,6 +319,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--halflife", type=float, default=0, help="lr halves every this many steps (0: constant)")
     p.add_argument("--shape-weight", type=float, default=3.0, help="extra loss weight on shape pixels")
+    p.add_argument("--latent-noise", type=float, default=0.0,
+                   help="train the decoder on latents + noise up to this fraction of their std (robust decoding)")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
