@@ -120,6 +120,15 @@ def _eval(args: argparse.Namespace) -> int:
         videos = [read_video(r["video"])[0] for r in results["long_video"]["runs"]]
         Path(args.out).mkdir(parents=True, exist_ok=True)
         evaluate.contact_sheet(videos, every=preset.fps, max_frames=12).save(Path(args.out) / f"{preset.name}_samples.png")
+    if "routes" in args.what:
+        from magic_demo.service import DemoService
+
+        service = DemoService(preset, quantize=args.quantize)
+        routes = {"retrieved": lambda text, i: service.retrieve(text, k=1)[0].image,
+                  "generated": lambda text, i: service.generate_first_frame(text, seed=i).image}
+        results["routes"] = evaluate.evaluate_first_frame_routes(
+            service.pipe, routes, n=args.clips, steps=preset.steps, num_frames=preset.window_frames, fps=preset.fps,
+            guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale)
     if "t2i" in args.what:
         from magic_demo.mini_t2i import evaluate_t2i
 
@@ -219,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality of a preset's models on the procedural world")
     ev.add_argument("--preset", default="mini", choices=sorted(PRESETS))
     ev.add_argument("--what", nargs="+", default=["i2v", "long", "t2i", "retrieval"],
-                    choices=["i2v", "long", "t2i", "retrieval", "table1", "fig5"],
-                    help="table1/fig5: the paper's distillation comparison at miniature scale (written to --out)")
+                    choices=["i2v", "long", "t2i", "retrieval", "routes", "table1", "fig5"],
+                    help="routes: caption -> retrieved / generated first frame -> video, as in the app; "
+                         "table1/fig5: the paper's distillation comparison at miniature scale (written to --out)")
     ev.add_argument("--steps", nargs="+", type=int, default=[4, 50], help="sampler steps for the i2v figures")
     ev.add_argument("--clips", type=int, default=20)
     ev.add_argument("--videos", type=int, default=2, help="long videos")

@@ -70,3 +70,26 @@ def test_table1_rows_markdown_and_fig5_plot(tmp_path, tiny_pipe):
     (tmp_path / "bad.json").write_text('{"iter": 1}')
     with pytest.raises(ValueError, match="not a distillation curve"):
         load_curve(tmp_path / "bad.json")
+
+
+def test_first_frame_routes_score_each_route_against_the_caption():
+    from PIL import Image
+
+    from magic_demo.evaluate import evaluate_first_frame_routes
+
+    class StillPipe:  # stands in for the model: a video that never moves from its first frame
+        def __call__(self, image, prompt, num_frames, **kw):
+            clip = np.repeat(np.asarray(image)[None], num_frames, axis=0)
+            return type("Clip", (), {"numpy": lambda self: clip})()
+
+    def rendered(text, i):
+        return Image.fromarray(world.render_first_frame(world.spec_from_caption(text, rng=i)))
+
+    def wrong_colour(text, i):
+        words = world.parse_caption(text)
+        other = "red" if words["colour"] != "red" else "blue"
+        return Image.fromarray(world.render_first_frame(world.sample_spec(i, **{**words, "colour": other})))
+
+    r = evaluate_first_frame_routes(StillPipe(), {"rendered": rendered, "wrong": wrong_colour}, n=10, num_frames=9)
+    assert r["rendered"] == {"clips": 10, "motion_ok": 0.2, "colour_kept": 1.0, "shape_kept": 1.0, "present": 1.0}
+    assert r["wrong"]["colour_kept"] == 0.0 and r["wrong"]["present"] == 1.0  # 2 of 10 captions say "stays still"
