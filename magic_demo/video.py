@@ -14,6 +14,7 @@ import resource
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -48,6 +49,7 @@ class VideoRequest:
     overlap: int = 0
     condition: str = "last_frame"
     colour_anchor: bool = True  # histogram-match each window's conditioning frame to the first frame (windows.py)
+    denoise_threads: Optional[int] = None  # CPU threads for windows 2+ (None: all but one, see generate_video)
     guidance_scale: float = 1.0  # input of a CFG-distilled transformer (if it has a guidance embedding)
     true_cfg_scale: float = 1.0  # > 1: classic two-pass CFG (explicit opt-in)
     negative_prompt: str = ""
@@ -80,6 +82,8 @@ class VideoRequest:
         if not _is_int(self.overlap) or not 0 <= self.overlap <= self.window_frames - 2:
             raise ValueError(f"overlap must be an integer in [0, window_frames - 2 = {self.window_frames - 2}], "
                              f"got {self.overlap!r}")
+        if self.denoise_threads is not None and (not _is_int(self.denoise_threads) or self.denoise_threads < 1):
+            raise ValueError(f"denoise_threads must be None or a positive integer, got {self.denoise_threads!r}")
         if not isinstance(self.colour_anchor, bool):
             raise ValueError(f"colour_anchor must be True or False, got {self.colour_anchor!r}")
         for name in ("guidance_scale", "true_cfg_scale"):
@@ -109,6 +113,18 @@ def _is_number(x) -> bool:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextmanager
+def _intra_op_threads(n: Optional[int]):
+    """torch's CPU thread count set to `n` for a block (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _prepare_image(pipe: MagicI2VPipeline, req: VideoRequest) -> Image.Image:
@@ -148,6 +164,11 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     cancelled = False
     cond_image, cond_latent = image, None
     reference = np.asarray(image)  # the colour anchor's reference: the video's first frame
+    # From window 2 on, the mp4 writer (ffmpeg) works beside the denoiser. On CPU the transformer's many small
+    # ops stall whenever the writer pre-empts one of their OpenMP threads, so later windows leave it a core
+    # (measured on 2 cores: 60 s of video 3.17 -> 2.70 s; the convolution-heavy decode keeps every thread).
+    on_cpu = pipe.transformer.device.type == "cpu"
+    later_threads = req.denoise_threads or (max(1, torch.get_num_threads() - 1) if on_cpu else None)
 
     def publish(writer: SegmentedMp4Writer, final: np.ndarray, k: int, n: int, tw: float) -> Path:
         """Writer thread: encode the window's final frames, re-join the mp4, announce it."""
@@ -181,10 +202,11 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
             condition = pipe.prepare_condition(latent, geom.latent_frames(plan.num_frames))
             generator = torch.Generator().manual_seed(derive_window_seed(seed, plan.index))
             try:
-                latents = pipe.denoise(
-                    condition, prompt, req.steps, generator, req.guidance_scale, req.true_cfg_scale, negative,
-                    callback=lambda i, _x, k=k: emit(StepFinished(k, n, i + 1, req.steps)),
-                    should_stop=lambda: cancel.cancelled)
+                with _intra_op_threads(later_threads if plan.index > 0 else None):
+                    latents = pipe.denoise(
+                        condition, prompt, req.steps, generator, req.guidance_scale, req.true_cfg_scale, negative,
+                        callback=lambda i, _x, k=k: emit(StepFinished(k, n, i + 1, req.steps)),
+                        should_stop=lambda: cancel.cancelled)
             except Cancelled:
                 cancelled = True
                 break
@@ -216,7 +238,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
         preset=req.extra_report.get("preset", ""), frames=frames_out, requested_frames=req.total_frames,
         fps=req.fps, seconds=frames_out / req.fps, requested_seconds=req.seconds, windows=len(plans),
         windows_finished=len(per_window_s), window_frames=req.window_frames, overlap=req.overlap,
-        condition=req.condition, colour_anchor=req.colour_anchor, steps=req.steps, height=image.size[1], width=image.size[0],
+        condition=req.condition, colour_anchor=req.colour_anchor, denoise_threads=later_threads, steps=req.steps, height=image.size[1], width=image.size[0],
         transformer_calls=calls["transformer"], text_encoder_calls=calls["text_encoder"],
         text_encoder_2_calls=calls["text_encoder_2"], vae_encode_calls=calls["vae_encode"],
         vae_decode_calls=calls["vae_decode"], wall_s=round(wall, 4), per_window_s=[round(s, 4) for s in per_window_s],

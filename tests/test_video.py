@@ -114,7 +114,7 @@ def test_closing_the_stream_cancels_the_job(tiny_pipe, first_frame, tmp_path):
     (dict(steps=0), "steps"), (dict(steps=1000), "steps"), (dict(seed=-2), "seed"), (dict(seed=2**70), "seed"),
     (dict(seed="1"), "seed"), (dict(overlap=8), "overlap"), (dict(condition="middle"), "condition"),
     (dict(window_frames=10), "window_frames"), (dict(seconds=0.01, fps=8), "at least one frame"),
-    (dict(colour_anchor="yes"), "colour_anchor"),
+    (dict(colour_anchor="yes"), "colour_anchor"), (dict(denoise_threads=0), "denoise_threads"),
 ])
 def test_bad_requests_name_the_parameter(tiny_pipe, first_frame, tmp_path, kw, name):
     with pytest.raises(ValueError, match=name):
@@ -184,3 +184,25 @@ def test_colour_anchor_corrects_only_the_conditioning_of_later_windows(tiny_pipe
     assert np.array_equal(seen[1], match_colours(plain_seen[1], np.asarray(first_frame)))
     assert not np.array_equal(seen[1], plain_seen[1])
     assert np.array_equal(frames[:9], plain_frames[:9])  # the video keeps the model's own frames up to there
+
+
+def test_later_windows_leave_a_core_to_the_writer_and_the_video_stays_the_same(tiny_pipe, first_frame, tmp_path):
+    """Speed fix (issue 8): windows 2+ denoise on all but one CPU thread while ffmpeg writes the previous window.
+    Thread count only changes float summation order: frames within 2 levels, torch's setting restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    denoise = tiny_pipe.denoise
+    tiny_pipe.denoise = lambda *a, **kw: (seen.append(torch.get_num_threads()), denoise(*a, **kw))[1]
+    try:
+        auto = generate_video(tiny_pipe, make_request(first_frame, seconds=3.0), tmp_path / "auto.mp4")
+        same = generate_video(tiny_pipe, make_request(first_frame, seconds=3.0, denoise_threads=2),
+                              tmp_path / "two.mp4")
+    finally:
+        del tiny_pipe.denoise
+        threads_after, _ = torch.get_num_threads(), torch.set_num_threads(before)
+    assert seen == [2, 1, 1, 2, 2, 2]  # window 1 has no writer beside it
+    assert auto.report["denoise_threads"] == 1 and same.report["denoise_threads"] == 2
+    assert threads_after == 2
+    a, b = read_video(auto.video_path)[0].astype(int), read_video(same.video_path)[0].astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2
