@@ -102,10 +102,11 @@ def test_shipped_model_draws_the_caption():
     t2i = load_mini_text_to_image()
     frame = t2i.generate(PROMPT, seed=0, bucket=(64, 64))
     assert frame.image.size == (64, 64)
-    r = evaluate_t2i(t2i.pipe, n=8, seed=1, num_inference_steps=t2i.num_inference_steps,
+    r = evaluate_t2i(t2i.pipe, n=16, seed=1, num_inference_steps=t2i.num_inference_steps,
                      guidance_scale=t2i.guidance_scale)
-    # measured on 50 held-out captions: colour 100%, background 100%; shape is not learnt yet (TRAINING.md)
-    assert r["colour"] >= 0.75 and r["background"] >= 0.75, r["rows"]
+    # measured on 2 x 100 held-out captions (TRAINING.md): colour 88-89%, shape 66-71%, background 100%
+    assert r["colour"] >= 0.75 and r["background"] >= 0.75 and r["shape"] >= 0.45, r["rows"]
+    assert t2i.pipe.vae is not None  # the shipped model draws in the world VAE's latent space
 
 
 def test_unet_denoiser_variant_trains_exports_and_generates(tmp_path):
