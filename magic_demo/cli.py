@@ -132,7 +132,9 @@ def _eval(args: argparse.Namespace) -> int:
     if "t2i" in args.what:
         from magic_demo.mini_t2i import evaluate_t2i
 
-        results["t2i"] = evaluate_t2i(preset.text_to_image().pipe, n=args.clips * 5, seed=1234)
+        t2i = preset.text_to_image()  # at the model's own generation settings (its generation.json)
+        results["t2i"] = evaluate_t2i(t2i.pipe, n=args.clips * 5, seed=1234, num_inference_steps=t2i.num_inference_steps,
+                                      guidance_scale=t2i.guidance_scale)
     if "retrieval" in args.what:
         from magic_demo.retrieval import RetrievalIndex
         from magic_demo.train.clip import evaluate_retrieval
