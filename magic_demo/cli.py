@@ -84,7 +84,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 TRAIN_STAGES = {"vae": "magic_demo.train.vae", "i2v": "magic_demo.train.i2v", "t2i": "magic_demo.train.t2i",
-                "distill": "magic_demo.train.distill",
+                "distill": "magic_demo.train.distill", "decoder": "magic_demo.train.decoder",
                 "clip": "magic_demo.train.clip"}
 
 

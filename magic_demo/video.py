@@ -164,26 +164,42 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     cancelled = False
     cond_image, cond_latent = image, None
     reference = np.asarray(image)  # the colour anchor's reference: the video's first frame
-    # From window 2 on, the mp4 writer (ffmpeg) works beside the denoiser. On CPU the transformer's many small
-    # ops stall whenever the writer pre-empts one of their OpenMP threads, so later windows leave it a core
-    # (measured on 2 cores: 60 s of video 3.17 -> 2.70 s; the convolution-heavy decode keeps every thread).
+    # On CPU with a per-frame VAE (the miniature), the writer thread decodes each window while the main thread
+    # denoises the next one; only the frame that conditions the next window is decoded up front. torch's CPU
+    # thread count is process-wide, so from window 2 on it is set once for both sides (half the cores each):
+    # the transformer's many small ops stall whenever another busy thread pre-empts one of their OpenMP threads.
+    # The first window, with nothing beside it, denoises on every thread. Measured on 2 cores: see the README's
+    # performance section. Other VAEs (temporally compressing) decode on the main thread on every thread.
     on_cpu = pipe.transformer.device.type == "cpu"
-    later_threads = req.denoise_threads or (max(1, torch.get_num_threads() - 1) if on_cpu else None)
+    overlap_decode = on_cpu and geom.temporal_ratio == 1
+    cores = torch.get_num_threads()
+    side_threads = (req.denoise_threads or max(1, cores // 2)) if on_cpu else None
 
-    def publish(writer: SegmentedMp4Writer, final: np.ndarray, k: int, n: int, tw: float) -> Path:
-        """Writer thread: encode the window's final frames, re-join the mp4, announce it."""
+    def decode_window(latents: torch.Tensor, plan, start_image: Image.Image) -> np.ndarray:
+        if plan.index > 0 and geom.temporal_ratio == 1:
+            # A per-frame VAE need not decode frame 0: it is the conditioning frame, already in the video.
+            return np.concatenate([np.asarray(start_image)[None], pipe.decode(latents[:, :, 1:]).numpy()])
+        return pipe.decode(latents).numpy()
+
+    def publish(writer: SegmentedMp4Writer, plan, frames: Optional[np.ndarray], latents: torch.Tensor,
+                start_image: Image.Image, tw: float, last: bool) -> Path:
+        """Writer thread: decode the window (unless done already), encode its final frames, re-mux, announce."""
+        if frames is None:
+            frames = decode_window(latents, plan, start_image)
+        final = assembler.add(plan, frames, last)
         if len(final):
             writer.append(final)
         path = writer.publish()
         per_window_s.append(time.perf_counter() - tw)
         if not first_window_at:
             first_window_at.append(time.perf_counter() - t0)
-        emit(WindowFinished(k, n, writer.frames_written, str(path), per_window_s[-1]))
+        emit(WindowFinished(plan.index + 1, len(plans), writer.frames_written, str(path), per_window_s[-1]))
         return path
 
-    # Encoding + joining the mp4 (ffmpeg processes) runs on one writer thread while the next window denoises;
-    # windows are written in order. A write error stops the video at the next window.
-    with SegmentedMp4Writer(out_path, req.fps) as writer, ThreadPoolExecutor(1, "magic-mp4") as io:
+    # Encoding + re-muxing the mp4 runs on one writer thread while the next window denoises; windows are
+    # written in order. A write error stops the video at the next window.
+    with SegmentedMp4Writer(out_path, req.fps) as writer, ThreadPoolExecutor(1, "magic-mp4") as io, \
+            _intra_op_threads(side_threads):
         written: list[Future] = []
         for plan in plans:
             _raise_write_error(written)
@@ -202,7 +218,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
             condition = pipe.prepare_condition(latent, geom.latent_frames(plan.num_frames))
             generator = torch.Generator().manual_seed(derive_window_seed(seed, plan.index))
             try:
-                with _intra_op_threads(later_threads if plan.index > 0 else None):
+                with _intra_op_threads(cores if on_cpu and plan.index == 0 else None):
                     latents = pipe.denoise(
                         condition, prompt, req.steps, generator, req.guidance_scale, req.true_cfg_scale, negative,
                         callback=lambda i, _x, k=k: emit(StepFinished(k, n, i + 1, req.steps)),
@@ -210,17 +226,20 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
             except Cancelled:
                 cancelled = True
                 break
-            if plan.index > 0 and geom.temporal_ratio == 1:
-                # A per-frame VAE need not decode frame 0: it is the conditioning frame, already in the video.
-                frames = np.concatenate([np.asarray(cond_image)[None], pipe.decode(latents[:, :, 1:]).numpy()])
-            else:
-                frames = pipe.decode(latents).numpy()
             last = plan is plans[-1]
-            written.append(io.submit(publish, writer, assembler.add(plan, frames, last), k, n, tw))
+            nxt = None if last else plans[plan.index + 1]
+            frames = None
+            if not overlap_decode:
+                with _intra_op_threads(cores if on_cpu else None):
+                    frames = decode_window(latents, plan, cond_image)
+            written.append(io.submit(publish, writer, plan, frames, latents, cond_image, tw, last))
             # Condition the next window on the frame it starts on (see windows.py).
-            if not last:
-                nxt = plans[plan.index + 1]
-                cond_image = Image.fromarray(frames[nxt.start - plan.start])
+            if nxt is not None:
+                i = nxt.start - plan.start
+                if frames is not None:
+                    cond_image = Image.fromarray(frames[i])
+                else:
+                    cond_image = Image.fromarray(pipe.decode(latents[:, :, i:i + 1]).numpy()[0])
                 cond_latent = latents[:, :, -1:] if req.condition == "last_latent" else None
         video_path = written[-1].result() if written else None  # waits for every write, raises the first error
         _raise_write_error(written)
@@ -238,7 +257,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
         preset=req.extra_report.get("preset", ""), frames=frames_out, requested_frames=req.total_frames,
         fps=req.fps, seconds=frames_out / req.fps, requested_seconds=req.seconds, windows=len(plans),
         windows_finished=len(per_window_s), window_frames=req.window_frames, overlap=req.overlap,
-        condition=req.condition, colour_anchor=req.colour_anchor, denoise_threads=later_threads, steps=req.steps, height=image.size[1], width=image.size[0],
+        condition=req.condition, colour_anchor=req.colour_anchor, denoise_threads=side_threads, steps=req.steps, height=image.size[1], width=image.size[0],
         transformer_calls=calls["transformer"], text_encoder_calls=calls["text_encoder"],
         text_encoder_2_calls=calls["text_encoder_2"], vae_encode_calls=calls["vae_encode"],
         vae_decode_calls=calls["vae_decode"], wall_s=round(wall, 4), per_window_s=[round(s, 4) for s in per_window_s],

@@ -34,3 +34,11 @@ def test_unwritable_folder_gives_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(VideoWriteError, match="cannot write video"):
         SegmentedMp4Writer(blocker / "v.mp4", fps=8)
+
+
+def test_frames_must_keep_their_size(tmp_path):
+    with SegmentedMp4Writer(tmp_path / "v.mp4", fps=8) as writer:
+        writer.append(np.zeros((3, 16, 16, 3), np.uint8))
+        with pytest.raises(ValueError, match="frames must stay 16x16, got 32x16"):
+            writer.append(np.zeros((3, 32, 16, 3), np.uint8))
+        assert len(read_video(writer.publish())[0]) == 3  # what was written stays playable
