@@ -139,6 +139,10 @@ class MagicI2VPipeline(DiffusionPipeline):
         text_tokens, text_mask = hidden[:, crop_start:], mask[:, crop_start:].to(device)
         embeds = torch.cat([image_tokens, text_tokens], 1)
         full_mask = torch.cat([text_mask.new_ones(image_tokens.shape[:2]), text_mask], 1)
+        # Padding is on the right and masked out as attention keys, so dropping the columns no row uses changes
+        # nothing but the work: every transformer forward attends over fewer tokens (49 -> 26 for a mini prompt).
+        keep = int(full_mask.sum(1).max())
+        embeds, full_mask = embeds[:, :keep], full_mask[:, :keep]
 
         enc2 = self.tokenizer_2(texts, padding="max_length", truncation=True, max_length=tpl.clip_max_tokens,
                                 return_tensors="pt")

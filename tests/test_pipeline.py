@@ -23,14 +23,28 @@ def test_prompt_embeds_prepend_image_tokens(tiny_pipe, first_frame):
     tpl = tiny_pipe.prompt_template
     emb = tiny_pipe.encode_prompt("a red circle moves left on a black background", first_frame)
     n_image = tiny_pipe.text_encoder.config.image_seq_length // tpl.image_token_stride
-    assert emb.embeds.shape == (1, n_image + tpl.max_prompt_tokens + 1, tiny_pipe.text_encoder.config.text_config.hidden_size)
-    assert emb.mask[0, :n_image].all()  # image tokens always attended
-    n_words = 9 + 1  # nine words + end token
-    assert int(emb.mask[0, n_image:].sum()) == n_words
+    n_words = 9 + 1  # nine words + end token; the padding up to max_prompt_tokens is dropped
+    assert emb.embeds.shape == (1, n_image + n_words, tiny_pipe.text_encoder.config.text_config.hidden_size)
+    assert emb.mask.all()  # image tokens always attended, and no padding left
     assert emb.pooled.shape == (1, tiny_pipe.text_encoder_2.config.hidden_size)
     # the image tokens depend on the image, the text tokens on the prompt
     other = tiny_pipe.encode_prompt("a red circle moves left on a black background", first_frame.rotate(90))
     assert not torch.allclose(emb.embeds[:, :n_image], other.embeds[:, :n_image])
+
+
+def test_dropping_the_padding_changes_nothing_but_the_length(tiny_pipe, first_frame):
+    from dataclasses import replace
+
+    emb = tiny_pipe.encode_prompt(["a red circle moves left on a black background", "a cat"], [first_frame] * 2)
+    assert emb.mask[0].all() and int(emb.mask[1].sum()) < emb.mask.shape[1]  # trimmed to the longer prompt
+    one = emb.select(0)
+    n, dim = one.embeds.shape[1], one.embeds.shape[2]
+    padded = replace(one, embeds=torch.cat([one.embeds, torch.randn(1, 20, dim)], 1),
+                     mask=torch.cat([one.mask, one.mask.new_zeros(1, 20)], 1))
+    cond = tiny_pipe.prepare_condition(tiny_pipe.encode_image(first_frame), 3)
+    a = tiny_pipe.denoise(cond, one, 2, torch.Generator().manual_seed(0))
+    b = tiny_pipe.denoise(cond, padded, 2, torch.Generator().manual_seed(0))
+    assert n < padded.embeds.shape[1] and torch.allclose(a, b, atol=1e-4)
 
 
 def test_negative_prompt_shares_one_encoder_call(tiny_pipe, first_frame):

@@ -74,5 +74,6 @@ def test_text_only_rows_carry_no_trace_of_their_first_frame(tiny_pipe):
     # the VLM saw the neutral image, not the clip's first frame
     blank = tiny_pipe.encode_prompt(captions[1], neutral_image(firsts[1].size))
     own = tiny_pipe.encode_prompt(captions[1], firsts[1])
-    assert torch.allclose(batch.embeds[1], blank.embeds[0], atol=1e-5)
-    assert not torch.allclose(batch.embeds[1], own.embeds[0], atol=1e-3)
+    n = blank.embeds.shape[1]  # the batch is padded to its longest caption; the rest of this row is masked
+    assert torch.allclose(batch.embeds[1, :n], blank.embeds[0], atol=1e-5) and not batch.mask[1, n:].any()
+    assert not torch.allclose(batch.embeds[1, :n], own.embeds[0], atol=1e-3)
