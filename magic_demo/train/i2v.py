@@ -62,6 +62,10 @@ def main(argv=None) -> None:
     p.add_argument("--text-dropout", type=float, default=0.1)
     p.add_argument("--image-dropout", type=float, default=0.1,
                    help="fraction of clips trained as text-to-video (no image), so the teacher also serves T2V")
+    p.add_argument("--text-lr-scale", type=float, default=1.0,
+                   help="lr multiplier for the layers that read the text features (TEXT_INPUT_LAYERS): the frozen "
+                        "random text encoders give small inputs (norm ~0.15 per token), which Adam's fixed-size "
+                        "steps amplify only slowly")
     p.add_argument("--ckpt-minutes", type=float, default=5)
     p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -99,13 +103,20 @@ def main(argv=None) -> None:
     cfg = MINI if args.config == "mini" else TinyConfig(patch_size=2)
     transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c}))
     pipe = MagicI2VPipeline(transformer=transformer, **comps)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(param_groups(transformer, args.text_lr_scale), lr=args.lr, weight_decay=0.01,
+                            betas=(0.9, 0.99))
     step, best = 0, -1.0
     ckpt = out / "ckpt.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         transformer.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        if len(state["opt"]["param_groups"]) == len(opt.param_groups):
+            scales = [g["lr_scale"] for g in opt.param_groups]  # this run's choice, not the checkpoint's
+            opt.load_state_dict(state["opt"])
+            for g, scale in zip(opt.param_groups, scales):
+                g["lr_scale"] = scale
+        else:
+            say("parameter groups changed (--text-lr-scale): fresh optimizer state")
         step, best = state["step"], state.get("best", -1.0)
         say(f"resumed at step {step}")
     elif args.init:
@@ -132,7 +143,7 @@ def main(argv=None) -> None:
         loss = torch.nn.functional.mse_loss(pred, noise - batch.x0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -159,6 +170,22 @@ def main(argv=None) -> None:
                 say(f"exported step {step} to {args.export}")
             t_ckpt = time.time() + 60 * args.ckpt_minutes
     say(f"done at step {step}")
+
+
+# The layers that read the text encoders' outputs directly: the token refiner's input projection and the two
+# pooled-text embedders (the refiner's masked mean of the tokens, and CLIP's pooled output).
+TEXT_INPUT_LAYERS = ("context_embedder.proj_in.", "context_embedder.time_text_embed.text_embedder.",
+                     "time_text_embed.text_embedder.")
+
+
+def param_groups(transformer, text_lr_scale: float) -> list[dict]:
+    """All parameters in one group, or two when the text input layers get their own lr multiplier."""
+    named = list(transformer.named_parameters())
+    if text_lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    text = [p for n, p in named if n.startswith(TEXT_INPUT_LAYERS)]
+    rest = [p for n, p in named if not n.startswith(TEXT_INPUT_LAYERS)]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": text, "lr_scale": text_lr_scale}]
 
 
 def export(pipe: MagicI2VPipeline, dest: Path, frozen_dir: Path, step: int, score) -> None:
