@@ -16,6 +16,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     parser.add_argument("--quantize", default="int8", choices=["int8", "none"])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer (faster windows; the first one compiles, ~30 s on CPU)")
     # Local runs bind to loopback only; on Hugging Face Spaces (SPACE_ID set) the container must listen on all.
     default_host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
     parser.add_argument("--host", default=default_host, help="bind address (0.0.0.0 to expose)")
@@ -25,7 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="generations at once per model")
     args = parser.parse_args(argv)
 
-    service = DemoService(args.preset, quantize=args.quantize, outputs_dir=args.outputs)
+    service = DemoService(args.preset, quantize=args.quantize, outputs_dir=args.outputs, compile=args.compile)
     service.warm_up()
     demo = build_app(service)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)

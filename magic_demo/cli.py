@@ -36,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
         guidance_scale=preset.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         true_cfg_scale=preset.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, extra_report={"preset": preset.name})
     req.validate()  # fail before loading models
-    pipe = load_pipeline(preset, quantize=args.quantize)
+    pipe = load_pipeline(preset, quantize=args.quantize, compile=args.compile)
     bars: dict[str, tqdm] = {}
 
     def on_event(event) -> None:
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--true-cfg-scale", type=float, default=None,
                      help="> 1 turns on classic two-pass CFG (default: the preset's)")
     gen.add_argument("--quantize", default="int8", choices=QUANTIZE_MODES)
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer (faster windows; the first one compiles, ~30 s on CPU)")
     gen.add_argument("--out", default="outputs/video.mp4")
     gen.add_argument("--report", default=None, help="write a JSON report here")
     gen.set_defaults(func=_generate)

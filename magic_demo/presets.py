@@ -210,9 +210,12 @@ def check_compatible(comps: dict) -> None:
                          f"input channels, got {t.image_condition_type!r} with {t.in_channels}")
 
 
-def load_pipeline(preset: str | Preset, quantize: str = "int8", device: Optional[str | torch.device] = None
-                  ) -> MagicI2VPipeline:
-    """Build the pipeline for a preset: int8 weights (default) with fp32 activations on CPU, bf16 on CUDA."""
+def load_pipeline(preset: str | Preset, quantize: str = "int8", device: Optional[str | torch.device] = None,
+                  compile: bool = False) -> MagicI2VPipeline:
+    """Build the pipeline for a preset: int8 weights (default) with fp32 activations on CPU, bf16 on CUDA.
+
+    compile=True wraps the transformer in torch.compile (opt-in): it fuses the many small ops of a miniature
+    transformer on CPU, but the first window of every new window length pays the compile (tens of seconds)."""
     from magic_demo.memory import check_fits, estimate_preset_memory
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -250,6 +253,8 @@ def load_pipeline(preset: str | Preset, quantize: str = "int8", device: Optional
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if compile:
+        pipe.transformer.compile()
     pipe.preset = preset
     return pipe
 

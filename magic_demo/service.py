@@ -35,9 +35,10 @@ class VideoSettings:
 
 class DemoService:
     def __init__(self, preset: str | Preset, quantize: str = "int8", outputs_dir: str | Path = "outputs",
-                 keep_outputs: int = 200):
+                 keep_outputs: int = 200, compile: bool = False):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.quantize = quantize
+        self.compile = compile
         self.outputs_dir = Path(outputs_dir).resolve()
         self.keep_outputs = keep_outputs
         self._lock = threading.Lock()
@@ -49,7 +50,7 @@ class DemoService:
     def pipe(self):
         with self._lock:
             if self._pipe is None:
-                self._pipe = load_pipeline(self.preset, quantize=self.quantize)
+                self._pipe = load_pipeline(self.preset, quantize=self.quantize, compile=self.compile)
             return self._pipe
 
     @property
