@@ -77,3 +77,32 @@ def test_text_only_rows_carry_no_trace_of_their_first_frame(tiny_pipe):
     n = blank.embeds.shape[1]  # the batch is padded to its longest caption; the rest of this row is masked
     assert torch.allclose(batch.embeds[1, :n], blank.embeds[0], atol=1e-5) and not batch.mask[1, n:].any()
     assert not torch.allclose(batch.embeds[1, :n], own.embeds[0], atol=1e-3)
+
+
+def test_weight_average_is_what_gets_snapshotted_and_resumed(tmp_path):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--out", str(tmp_path / "run"), "--vae", str(vae), "--batch", "2", "--frames", "5", "--size", "32",
+              "--eval-clips", "1", "--config", "test", "--warmup", "1", "--ema", "0.9", "--text-lr-scale", "10"]
+    i2v.main(common + ["--max-steps", "3"])
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ck["ema_steps"] == 3 and [g["lr_scale"] for g in ck["opt"]["param_groups"]] == [1.0, 10.0]
+    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "run" / "snapshots" / "step_000003")
+    name = "proj_out.weight"
+    assert torch.equal(snap.state_dict()[name], ck["ema"][name])  # the snapshot is the average ...
+    assert not torch.equal(ck["ema"][name], ck["model"][name])  # ... which lags the trained weights
+    i2v.main(common + ["--max-steps", "4"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["ema_steps"] == 4  # resumed, not restarted
+
+
+def test_text_input_layers_get_their_own_lr_group():
+    from magic_demo.tiny import TinyConfig, build_transformer
+
+    t = build_transformer(TinyConfig(patch_size=2))
+    plain, split = i2v.param_groups(t, 1.0), i2v.param_groups(t, 5.0)
+    assert len(plain) == 1 and len(split) == 2 and split[1]["lr_scale"] == 5.0
+    text = {id(p) for p in split[1]["params"]}
+    names = [n for n, p in t.named_parameters() if id(p) in text]
+    assert names and all(n.startswith(i2v.TEXT_INPUT_LAYERS) for n in names)
+    assert sum(p.numel() for g in split for p in g["params"]) == sum(p.numel() for p in t.parameters())

@@ -14,6 +14,7 @@ presets load; `magic_demo.train.distill` turns it into the 4-step student in tra
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import time
@@ -66,6 +67,9 @@ def main(argv=None) -> None:
                    help="lr multiplier for the layers that read the text features (TEXT_INPUT_LAYERS): the frozen "
                         "random text encoders give small inputs (norm ~0.15 per token), which Adam's fixed-size "
                         "steps amplify only slowly")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of an exponential moving average of the weights (0: off; e.g. 0.999); evals, "
+                        "snapshots and exports then use the average, which smooths out the step-to-step swings")
     p.add_argument("--ckpt-minutes", type=float, default=5)
     p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -125,6 +129,14 @@ def main(argv=None) -> None:
         info = Path(args.init) / "training.json"
         step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
+    ema, ema_steps = None, 0
+    if args.ema:
+        ema = copy.deepcopy(transformer).requires_grad_(False)
+        if ckpt.is_file() and "ema" in state:
+            ema.load_state_dict(state["ema"])
+            ema_steps = state.get("ema_steps", 0)
+        else:
+            say(f"weight average (decay {args.ema}) starts from the step-{step} weights")
     n_params = sum(p.numel() for p in transformer.parameters())
     say(f"transformer {n_params / 1e6:.2f}M params, batch {args.batch} x {args.frames} frames, lr {args.lr}")
     gen = torch.Generator().manual_seed(args.seed * 7919 + step)
@@ -149,27 +161,40 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
         step += 1
+        if ema is not None:
+            ema_steps += 1
+            update_ema(ema, transformer, args.ema)
         losses.append(loss.item())
         if step % 25 == 0:
             say(f"step {step} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e}")
         if time.time() >= t_ckpt or time.time() >= t_end or step >= args.max_steps:
             transformer.eval()
+            published = ema if ema is not None else transformer  # what is evaluated, snapshotted, exported
+            pipe.transformer = published
             score = evaluate_i2v(pipe, n=args.eval_clips, steps=4, num_frames=args.frames, fps=args.fps,
                                  size=args.size)
             metric = score.motion_accuracy + 0.5 * score.colour_kept
             say(f"step {step} eval (4 steps, {score.clips} held-out clips): {score.as_dict()}")
+            extra = {"ema": ema.state_dict(), "ema_steps": ema_steps} if ema is not None else {}
             torch.save({"model": transformer.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "best": max(best, metric)}, out / "ckpt.tmp")
+                        "best": max(best, metric), **extra}, out / "ckpt.tmp")
             (out / "ckpt.tmp").replace(ckpt)
             # Every checkpoint's weights are kept: in-training evals are small and noisy, so checkpoints are
             # chosen afterwards on more clips (`python -m magic_demo eval --transformer ...`).
-            transformer.save_pretrained(out / "snapshots" / f"step_{step:06d}", safe_serialization=True)
+            published.save_pretrained(out / "snapshots" / f"step_{step:06d}", safe_serialization=True)
             if metric >= best and args.export:
                 best = metric
                 export(pipe, Path(args.export), frozen_dir, step, score)
                 say(f"exported step {step} to {args.export}")
+            pipe.transformer = transformer
             t_ckpt = time.time() + 60 * args.ckpt_minutes
     say(f"done at step {step}")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for avg, p in zip(ema.parameters(), model.parameters()):
+        avg.lerp_(p, 1.0 - decay)
 
 
 # The layers that read the text encoders' outputs directly: the token refiner's input projection and the two
