@@ -118,9 +118,9 @@ def test_hunyuan_template_crops_to_prompt_and_keeps_every_4th_image_token():
     pipe = MagicI2VPipeline(**comps, prompt_template=dataclasses.replace(HUNYUAN_I2V_TEMPLATE, clip_max_tokens=32))
     emb = pipe.encode_prompt("a red circle moves left", IMAGE)
     n_image = comps["text_encoder"].config.image_seq_length // 4
-    assert emb.embeds.shape[1] == n_image + 256 + 1
     closing = len(comps["tokenizer"]("<|eot_id|>", add_special_tokens=False).input_ids) + 1  # template end + </s>
     assert int(emb.mask[0, n_image:].sum()) == 5 + closing  # the five words, nothing of the system text
+    assert emb.embeds.shape[1] == n_image + 5 + closing and emb.mask.all()  # padding up to 256 tokens dropped
 
 
 def test_convert_and_quantize_commands(tmp_path):
