@@ -6,7 +6,7 @@ from diffusers import AutoencoderTiny
 from magic_demo.autoencoder import latent_geometry
 from magic_demo.train import decoder as td
 
-TEACHER = "assets/mini/vae"
+TEACHER = "assets/mini/t2i/vae"  # the full-width VAE (the default teacher)
 
 
 def test_decoder_distillation_resumes_and_exports_a_drop_in_vae(tmp_path):

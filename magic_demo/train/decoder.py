@@ -1,6 +1,7 @@
 """Distil the miniature VAE's decoder into a narrower, faster one (CPU, fp32, resumable).
 
-    python -m magic_demo train decoder --out runs/decoder --channels 12 --minutes 60
+    python -m magic_demo train decoder --out runs/decoder12 --channels 12 --batch 48 --total-steps 22000 \
+        --minutes 70 --export runs/decoder12/export
 
 Decoding was the largest part of a window's cost on CPU (issue 8). The student is an ``AutoencoderTiny`` with
 the teacher's encoder (copied and frozen, so the latent space, and every denoiser trained on it, stays the same)
@@ -232,7 +233,9 @@ def train(args) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/decoder", help="data cache, checkpoints and logs (resumes from here)")
-    p.add_argument("--teacher", default="assets/mini/vae")
+    # The full-width VAE the miniature models were trained with; assets/mini/vae holds the distilled one, and the
+    # T2I model keeps its own copy of the original (byte-identical to the VAE it was trained on).
+    p.add_argument("--teacher", default="assets/mini/t2i/vae")
     p.add_argument("--export", default="", help="best student VAE folder ('' to skip)")
     p.add_argument("--channels", type=int, default=12)
     p.add_argument("--blocks", default="3,3,3,1", help="decoder blocks per level (low to high resolution)")
