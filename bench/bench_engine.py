@@ -4,10 +4,10 @@
 
 1. minute: 60 s of video at the preset's fps/size, int8: wall time, per-window time, first window, s/s.
 2. alt: the obvious alternative on the same weights and the same frames, measured alternately (A B A B):
-   clip by clip, each clip encoding its prompt again, 50 Euler steps with true CFG (two forwards per step).
-   (diffusers' own HunyuanVideoImageToVideoPipeline cannot run the miniature weights: it parses the Llama-3
-   chat template by token ids and needs a temporally compressing VAE, so the same work is done through our
-   DiffusionPipeline's per-clip `__call__`, which follows the same steps.)
+   clip by clip, each clip encoding its prompt again (padded to full length, as diffusers does), 50 Euler steps
+   with true CFG (two forwards per step). (diffusers' own HunyuanVideoImageToVideoPipeline cannot run the
+   miniature weights: it parses the Llama-3 chat template by token ids and needs a temporally compressing VAE,
+   so the same work is done through our pipeline's components, following its steps.)
 3. memory: peak RSS of 60 s vs 5 s of video, each in a fresh process.
 4. int8: weight bytes, one-window speed and output difference, int8 vs fp32 (vs bf16 where it runs).
 5. app: cold start to a ready server; Generate click to the first window (gradio_client) vs the engine.
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -65,25 +66,53 @@ def bench_minute(pipe, preset, out_dir) -> dict:
             "compute_s_per_video_s": r["compute_s_per_video_s"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
+def padded_like_the_stock_pipeline(pipe, embeds):
+    """diffusers' pipeline pads the prompt to the template's full length and masks the padding, and its transformer
+    still runs over every position; our encode_prompt drops that padding (an optimisation of ours), so the
+    alternative puts it back: zeros, masked out, the template's length."""
+    tpl = pipe.prompt_template
+    length = pipe.text_encoder.config.image_seq_length // tpl.image_token_stride + tpl.max_prompt_tokens + 1
+    pad = length - embeds.embeds.shape[1]
+    b, _, dim = embeds.embeds.shape
+    return dataclasses.replace(embeds, embeds=torch.cat([embeds.embeds, embeds.embeds.new_zeros(b, pad, dim)], 1),
+                               mask=torch.cat([embeds.mask, embeds.mask.new_zeros(b, pad)], 1))
+
+
 def alternative_clip_by_clip(pipe, preset, seconds) -> float:
-    """Same frames as ours, clip by clip: every clip re-encodes the prompt, 50 steps, true CFG."""
+    """Same frames as ours, clip by clip, as diffusers' HunyuanVideoImageToVideoPipeline does each clip: encode the
+    prompt (+ an empty negative) padded to full length, encode the image, 50 Euler steps with true CFG (two forwards
+    per step), decode."""
     total, image = int(round(seconds * preset.fps)), first_frame(preset.width)
     t0, made = time.perf_counter(), 0
     while made < total:
-        frames = pipe(image, PROMPT, num_frames=preset.window_frames, steps=50, seed=made, true_cfg_scale=5.0,
-                      negative_prompt="")
+        embeds = padded_like_the_stock_pipeline(pipe, pipe.encode_prompt(PROMPT, image, negative_prompt=""))
+        condition = pipe.prepare_condition(pipe.encode_image(image), pipe.geometry.latent_frames(preset.window_frames))
+        latents = pipe.denoise(condition, embeds.select(0), 50, torch.Generator().manual_seed(made),
+                               true_cfg_scale=5.0, negative=embeds.select(1))
+        frames = pipe.decode(latents)
         image = Image.fromarray(frames[-1].numpy())
         made += len(frames) - (1 if made else 0)
     return time.perf_counter() - t0
 
 
-def bench_alternative(pipe, preset, out_dir, seconds=6.0, rounds=2) -> dict:
-    ours, alt = [], []
-    for _ in range(rounds):  # A B A B
-        ours.append(run(pipe, preset, seconds, out_dir)["wall_s"])
-        alt.append(alternative_clip_by_clip(pipe, preset, seconds))
-    return {"video_s": seconds, "ours_s": ours, "alternative_s": [round(a, 3) for a in alt],
-            "speedup_of_medians": round(statistics.median(alt) / statistics.median(ours), 1)}
+def bench_alternative(pipes, preset, out_dir, lengths=(6.0, 60.0), rounds=2) -> dict:
+    """Per video length: ours (each variant) and the alternative, alternately (A B A B), ratio of medians."""
+    return {f"{seconds:g}s": alternative_ab(pipes, preset, out_dir, seconds, rounds) for seconds in lengths}
+
+
+def alternative_ab(pipes, preset, out_dir, seconds, rounds) -> dict:
+    """The alternative always runs the eager pipeline."""
+    ours, alt = {name: [] for name in pipes}, []
+    for _ in range(rounds):  # A B A B (A: each of our variants)
+        for name, pipe in pipes.items():
+            ours[name].append(run(pipe, preset, seconds, out_dir)["wall_s"])
+        alt.append(alternative_clip_by_clip(pipes["eager"], preset, seconds))
+    res = {"video_s": seconds, "ours_s": ours["eager"], "alternative_s": [round(a, 3) for a in alt],
+           "speedup_of_medians": round(statistics.median(alt) / statistics.median(ours["eager"]), 1)}
+    if "compiled" in ours:
+        res["ours_compiled_s"] = ours["compiled"]
+        res["speedup_of_medians_compiled"] = round(statistics.median(alt) / statistics.median(ours["compiled"]), 1)
+    return res
 
 
 def bench_memory(preset_name, threads) -> dict:
@@ -128,10 +157,12 @@ def bench_int8(preset, out_dir, rounds: int = 9) -> dict:
     return res
 
 
-def bench_scaling(pipe, preset, out_dir, plot: str | None = None) -> dict:
+def bench_scaling(pipes, preset, out_dir, plot: str | None = None) -> dict:
     lengths = (5, 15, 30, 60)
-    ours = {s: run(pipe, preset, float(s), out_dir)["wall_s"] for s in lengths}
-    alt = {s: round(alternative_clip_by_clip(pipe, preset, float(s)), 3) for s in lengths}
+    ours = {s: run(pipes["eager"], preset, float(s), out_dir)["wall_s"] for s in lengths}
+    compiled = {s: run(pipes["compiled"], preset, float(s), out_dir)["wall_s"] for s in lengths} \
+        if "compiled" in pipes else None
+    alt = {s: round(alternative_clip_by_clip(pipes["eager"], preset, float(s)), 3) for s in lengths}
     xs, ys = np.array(lengths, float), np.array([ours[s] for s in lengths])
     slope, intercept = np.polyfit(xs, ys, 1)
     resid = ys - (slope * xs + intercept)
@@ -144,6 +175,8 @@ def bench_scaling(pipe, preset, out_dir, plot: str | None = None) -> dict:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         ax.plot(lengths, [alt[s] for s in lengths], "o-", label="clip by clip, 50 steps + CFG")
         ax.plot(lengths, [ours[s] for s in lengths], "o-", label="ours: 4 steps, sliding window, int8")
+        if compiled:
+            ax.plot(lengths, [compiled[s] for s in lengths], "o-", label="ours, --compile")
         ax.plot(lengths, lengths, "k--", lw=0.8, label="real time (1 s per s of video)")
         ax.set_xlabel("video length (s)")
         ax.set_ylabel("wall time (s)")
@@ -151,8 +184,12 @@ def bench_scaling(pipe, preset, out_dir, plot: str | None = None) -> dict:
         ax.legend()
         fig.tight_layout()
         fig.savefig(plot)
-    return {"ours_wall_s": ours, "alternative_wall_s": alt, "per_video_second_s": round(slope, 4),
-            "intercept_s": round(intercept, 3), "max_residual_s": round(float(np.abs(resid).max()), 3)}
+    res = {"ours_wall_s": ours, "alternative_wall_s": alt, "per_video_second_s": round(slope, 4),
+           "intercept_s": round(intercept, 3), "max_residual_s": round(float(np.abs(resid).max()), 3)}
+    if compiled:
+        res["ours_compiled_wall_s"] = compiled
+        res["per_video_second_s_compiled"] = round(np.polyfit(xs, [compiled[s] for s in lengths], 1)[0], 4)
+    return res
 
 
 def bench_app(preset_name, threads, rounds: int = 5) -> dict:
@@ -207,6 +244,8 @@ def main() -> None:
     p.add_argument("--only", default="minute,alt,memory,int8,scaling,app")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of wall time vs video length (scaling section)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure ours with the transformer under torch.compile (minute, alt, scaling)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
@@ -214,14 +253,21 @@ def main() -> None:
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                           f"{torch.__version__}, {args.threads} threads", "preset": preset.name}
     out_dir = tempfile.mkdtemp()
-    pipe = load_pipeline(preset, quantize="int8") if {"minute", "alt", "scaling"} & set(only) else None
-    if pipe is not None:
-        run(pipe, preset, 1.0, out_dir)  # warm-up
-    sections = {"minute": lambda: bench_minute(pipe, preset, out_dir),
-                "alt": lambda: bench_alternative(pipe, preset, out_dir),
+    pipes = {}
+    if {"minute", "alt", "scaling"} & set(only):
+        pipes["eager"] = load_pipeline(preset, quantize="int8")
+        if args.compile:
+            pipes["compiled"] = load_pipeline(preset, quantize="int8", compile=True)
+    for name, pipe in pipes.items():  # warm-up: every window length the sections use (a compile for each)
+        t = time.perf_counter()
+        for seconds in (4.0, 5.0, 15.0):
+            run(pipe, preset, seconds, out_dir)
+        print(f"warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    sections = {"minute": lambda: {name: bench_minute(p, preset, out_dir) for name, p in pipes.items()},
+                "alt": lambda: bench_alternative(pipes, preset, out_dir),
                 "memory": lambda: bench_memory(preset.name, args.threads),
                 "int8": lambda: bench_int8(preset, out_dir),
-                "scaling": lambda: bench_scaling(pipe, preset, out_dir, args.plot),
+                "scaling": lambda: bench_scaling(pipes, preset, out_dir, args.plot),
                 "app": lambda: bench_app(preset.name, args.threads)}
     for name in only:
         t = time.perf_counter()
