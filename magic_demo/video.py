@@ -49,7 +49,7 @@ class VideoRequest:
     overlap: int = 0
     condition: str = "last_frame"
     colour_anchor: bool = True  # histogram-match each window's conditioning frame to the first frame (windows.py)
-    denoise_threads: Optional[int] = None  # CPU threads for windows 2+ (None: all but one, see generate_video)
+    denoise_threads: Optional[int] = None  # CPU threads for windows 2+ (None: half the cores, see generate_video)
     guidance_scale: float = 1.0  # input of a CFG-distilled transformer (if it has a guidance embedding)
     true_cfg_scale: float = 1.0  # > 1: classic two-pass CFG (explicit opt-in)
     negative_prompt: str = ""
