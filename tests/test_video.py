@@ -190,9 +190,10 @@ def test_colour_anchor_corrects_only_the_conditioning_of_later_windows(tiny_pipe
     assert np.array_equal(frames[:9], plain_frames[:9])  # the video keeps the model's own frames up to there
 
 
-def test_later_windows_leave_a_core_to_the_writer_and_the_video_stays_the_same(tiny_pipe, first_frame, tmp_path):
-    """Speed fix (issue 8): windows 2+ denoise on all but one CPU thread while ffmpeg writes the previous window.
-    Thread count only changes float summation order: frames within 2 levels, torch's setting restored."""
+def test_later_windows_share_the_cores_with_the_writer_and_the_video_stays_the_same(tiny_pipe, first_frame, tmp_path):
+    """Speed fix (issue 8): windows 2+ denoise on half the CPU threads while the writer thread decodes and encodes
+    the previous window. Thread count only changes float summation order: frames within 2 levels, torch's setting
+    restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     seen = []
