@@ -50,11 +50,11 @@ def student_from_teacher(teacher: AutoencoderTiny, channels: int, blocks: tuple[
 
 
 @torch.inference_mode()
-def teacher_frames(teacher: AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
-    """Raw latents [N, C, h, w] -> teacher frames [N, 3, H, W] uint8."""
+def decoder_frames(vae: AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
+    """Raw latents [N, C, h, w] -> the VAE's decoded frames [N, 3, H, W] uint8 (teacher targets, student evals)."""
     out = []
     for chunk in latents.split(256):
-        x = decode_raw(teacher, chunk[:, :, None])[:, :, 0]
+        x = decode_raw(vae, chunk[:, :, None])[:, :, 0]
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     return torch.cat(out)
 
@@ -80,6 +80,7 @@ def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: 
     p = get_preset(preset)
     pipe = load_pipeline(p)
     rng = np.random.default_rng(seed)
+    geom = pipe.geometry
     out = []
     for i in range(windows):
         spec = world.sample_spec(rng)
@@ -87,7 +88,6 @@ def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: 
         embeds = pipe.encode_prompt(world.caption(spec), image).select(0)
         cond = pipe.prepare_condition(pipe.encode_image(image), pipe.geometry.latent_frames(num_frames))
         z = pipe.denoise(cond, embeds, p.steps, torch.Generator().manual_seed(seed + i), p.guidance_scale)
-        geom = pipe.geometry
         out.append((z[0] / geom.scaling_factor + geom.shift_factor).permute(1, 0, 2, 3))
     return torch.cat(out)
 
@@ -96,7 +96,7 @@ def build_data(teacher: AutoencoderTiny, args, seed: int, clips: int, windows: i
     t = time.time()
     enc = encoder_latents(teacher, clips, args.clip_frames, seed)
     den = denoised_latents(windows, seed)
-    data = {"enc": enc, "enc_y": teacher_frames(teacher, enc), "den": den, "den_y": teacher_frames(teacher, den)}
+    data = {"enc": enc, "enc_y": decoder_frames(teacher, enc), "den": den, "den_y": decoder_frames(teacher, den)}
     say(f"built {len(enc)} encoder + {len(den)} denoised latents (seed {seed}) in {time.time() - t:.0f}s")
     return data
 
@@ -120,7 +120,7 @@ def evaluate(student: AutoencoderTiny, held: dict) -> dict:
     student.eval()
     m = {}
     for name in ("enc", "den"):
-        y = teacher_frames(student, held[name]).float()
+        y = decoder_frames(student, held[name]).float()
         t = held[f"{name}_y"].float()
         mse = float(((y - t) ** 2).mean())
         m[f"{name}_psnr"] = 10 * math.log10(255 ** 2 / max(mse, 1e-10))
