@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderTiny
 from PIL import Image
@@ -106,3 +107,15 @@ def test_text_input_layers_get_their_own_lr_group():
     names = [n for n, p in t.named_parameters() if id(p) in text]
     assert names and all(n.startswith(i2v.TEXT_INPUT_LAYERS) for n in names)
     assert sum(p.numel() for g in split for p in g["params"]) == sum(p.numel() for p in t.parameters())
+
+
+def test_echo_reuses_each_encoded_batch_for_several_steps(tmp_path):
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
+              "--config", "test", "--warmup", "1", "--max-steps", "5"]
+    i2v.main(["--out", str(tmp_path / "echo"), "--echo", "2", *common])
+    i2v.main(["--out", str(tmp_path / "plain"), *common])
+    assert "done at step 5 (3 batches encoded this run)" in (tmp_path / "echo" / "train.log").read_text()
+    assert "done at step 5 (5 batches encoded this run)" in (tmp_path / "plain" / "train.log").read_text()
+    with pytest.raises(ValueError, match="echo must be >= 1, got 0"):
+        i2v.main(["--out", str(tmp_path / "bad"), "--echo", "0", *common])
