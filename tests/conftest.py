@@ -4,6 +4,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,6 +28,11 @@ def first_frame() -> Image.Image:
     arr = np.zeros((32, 32, 3), np.uint8)
     arr[8:20, 6:18] = (220, 30, 30)
     return Image.fromarray(np.clip(arr + rng.randint(0, 20, arr.shape), 0, 255).astype(np.uint8))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_FIRST_FRAME = ROOT / "assets" / "examples" / "red_circle.png"
+EXAMPLE_PROMPT = "a red circle moves left on a black background"  # issue 5's example
 
 
 def free_port() -> int:
@@ -60,3 +67,19 @@ def client(server):
     from gradio_client import Client
 
     return Client(server[0], verbose=False)
+
+
+def launch_app(tmp_path, preset="mini", queue=32):
+    """The real Gradio app on a preset (the shipped `mini` by default) on a free loopback port, in this process.
+    Returns (demo, service, url); the caller closes the demo."""
+    from magic_demo.presets import ASSETS
+    from magic_demo.service import DemoService
+    from magic_demo.ui import build_app
+
+    service = DemoService(preset, outputs_dir=tmp_path / "outputs")
+    service.warm_up()
+    demo = build_app(service).queue(max_size=queue, default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(tmp_path), str(ASSETS)], show_error=True)
+    return demo, service, f"http://127.0.0.1:{port}/"

@@ -7,39 +7,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
 
 from magic_demo.video_io import read_video
-
-ROOT = Path(__file__).resolve().parent.parent
-FIRST = ROOT / "assets" / "examples" / "red_circle.png"
-PROMPT = "a red circle moves left on a black background"
-
-
-def launch(tmp_path, preset="mini", queue=32):
-    from tests.conftest import free_port
-    from magic_demo.presets import ASSETS
-    from magic_demo.service import DemoService
-    from magic_demo.ui import build_app
-
-    service = DemoService(preset, outputs_dir=tmp_path / "outputs")
-    service.warm_up()
-    demo = build_app(service).queue(max_size=queue, default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(tmp_path), str(ASSETS)], show_error=True)
-    return demo, service, f"http://127.0.0.1:{port}/"
-
+from tests.conftest import EXAMPLE_FIRST_FRAME, EXAMPLE_PROMPT, ROOT, launch_app
 
 def submit(client, seconds=1.0):
-    return client.submit(handle_file(str(FIRST)), PROMPT, seconds, 8, 4, 1, 0, api_name="/generate")
+    return client.submit(handle_file(str(EXAMPLE_FIRST_FRAME)), EXAMPLE_PROMPT, seconds, 8, 4, 1, 0,
+                         api_name="/generate")
 
 
 def test_eight_clients_three_requests_each(tmp_path):
-    demo, service, url = launch(tmp_path)
+    demo, service, url = launch_app(tmp_path)
     try:
         clients = [Client(url, verbose=False) for _ in range(8)]
         jobs = [submit(c) for c in clients for _ in range(3)]
@@ -61,7 +42,7 @@ def test_eight_clients_three_requests_each(tmp_path):
 
 
 def test_requests_past_the_queue_bound_are_refused(tmp_path):
-    demo, service, url = launch(tmp_path, queue=2)
+    demo, service, url = launch_app(tmp_path, queue=2)
     try:
         client = Client(url, verbose=False)
         jobs = [submit(client, seconds=3.0) for _ in range(8)]
@@ -99,7 +80,8 @@ print(json.dumps({{"rss": rss, "frames": frames}}))
 
 def test_memory_and_outputs_stay_bounded_over_50_generations(tmp_path):
     # A fresh process, so the figure is the service's own and not what earlier tests left in this one.
-    script = MEMORY_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "outputs"), first=str(FIRST), prompt=PROMPT)
+    script = MEMORY_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "outputs"), first=str(EXAMPLE_FIRST_FRAME),
+                                  prompt=EXAMPLE_PROMPT)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -111,7 +93,7 @@ def test_memory_and_outputs_stay_bounded_over_50_generations(tmp_path):
 
 
 def test_a_client_that_goes_away_does_not_leave_a_generation_running(tmp_path):
-    demo, service, url = launch(tmp_path)
+    demo, service, url = launch_app(tmp_path)
     try:
         client = Client(url, verbose=False)
         job = submit(client, seconds=60.0)
@@ -153,5 +135,5 @@ def test_sigkill_while_saving_an_index_keeps_the_previous_one_loadable(tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         loaded = RetrievalIndex.load(index_dir)  # whatever moment the kill hit
-        assert len(loaded) >= 500 and loaded.search_text(PROMPT, 1)
+        assert len(loaded) >= 500 and loaded.search_text(EXAMPLE_PROMPT, 1)
     assert gallery.is_dir()

@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="mini", choices=["mini", "test"])
     args = p.parse_args(argv)
     if args.echo < 1:
-        raise ValueError(f"echo must be >= 1, got {args.echo!r}")
+        p.error(f"--echo must be >= 1, got {args.echo}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +150,8 @@ def main(argv=None) -> None:
     losses, batch, echoed, encoded = [], None, 0, 0
     while time.time() < t_end and step < args.max_steps:
         transformer.train()
+        # A resumed run starts a fresh batch even mid-echo: resumes already differ from an unbroken run, since the
+        # noise generator is reseeded from the step.
         if batch is None or echoed == args.echo:
             text_only = (torch.rand(args.batch, generator=gen) < args.image_dropout).tolist()
             batch = encode_batch(pipe, *sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
