@@ -46,19 +46,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real Gradio app (tiny-random preset) on a free loopback port, for one test module."""
-    from magic_demo.presets import ASSETS
-    from magic_demo.service import DemoService
-    from magic_demo.ui import build_app
-
-    outputs = tmp_path_factory.mktemp("outputs")
-    service = DemoService("tiny-random", outputs_dir=outputs)
-    service.warm_up()
-    demo = build_app(service)
-    demo.queue(max_size=8, default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(outputs), str(ASSETS)], max_file_size="20mb", show_error=True)
-    yield f"http://127.0.0.1:{port}/", service
+    demo, service, url = launch_app(tmp_path_factory.mktemp("app"), preset="tiny-random", queue=8,
+                                    max_file_size="20mb")
+    yield url, service
     demo.close()
 
 
@@ -69,7 +59,7 @@ def client(server):
     return Client(server[0], verbose=False)
 
 
-def launch_app(tmp_path, preset="mini", queue=32):
+def launch_app(tmp_path, preset="mini", queue=32, max_file_size=None):
     """The real Gradio app on a preset (the shipped `mini` by default) on a free loopback port, in this process.
     Returns (demo, service, url); the caller closes the demo."""
     from magic_demo.presets import ASSETS
@@ -81,5 +71,5 @@ def launch_app(tmp_path, preset="mini", queue=32):
     demo = build_app(service).queue(max_size=queue, default_concurrency_limit=1)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(tmp_path), str(ASSETS)], show_error=True)
+                allowed_paths=[str(tmp_path), str(ASSETS)], max_file_size=max_file_size, show_error=True)
     return demo, service, f"http://127.0.0.1:{port}/"
