@@ -120,3 +120,40 @@ def test_echo_reuses_each_encoded_batch_for_several_steps(tmp_path, capsys):
     with pytest.raises(SystemExit):
         i2v.main(["--out", str(tmp_path / "bad"), "--echo", "0", *common])
     assert "--echo must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_repatch_to_1_keeps_flat_regions_and_averages_the_outputs():
+    from magic_demo.tiny import TinyConfig, build_transformer
+
+    torch.manual_seed(0)
+    src = build_transformer(TinyConfig(patch_size=2))
+    dst = build_transformer(TinyConfig(patch_size=1))
+    state = i2v.repatch_to_1(src.state_dict(), 2, 1)
+    dst.load_state_dict(state)  # every shape fits
+    # a flat 2x2 patch gives the patch-2 model the same token as one latent pixel gives the patch-1 model
+    x = torch.randn(1, src.config.in_channels, 1, 1, 1)
+    token_1 = dst.x_embedder.proj(x).flatten()
+    token_2 = src.x_embedder.proj(x.expand(-1, -1, -1, 2, 2).contiguous()).flatten()
+    assert torch.allclose(token_1, token_2, atol=1e-5)
+    # each output channel is the mean of its four sub-positions
+    w = src.proj_out.weight.view(src.config.out_channels, 4, -1)
+    assert torch.allclose(dst.proj_out.weight, w.mean(1)) and not torch.allclose(dst.proj_out.weight, w[:, 0])
+    with pytest.raises(ValueError, match="patch 2 -> 2"):
+        i2v.repatch_to_1(src.state_dict(), 2, 2)
+
+
+def test_a_patch_1_teacher_starts_from_a_patch_2_preset_with_a_warmup(tmp_path):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
+              "--config", "test", "--warmup", "4"]
+    i2v.main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "mini"), "--max-steps", "2", *common])
+    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--patch-size", "1",
+              "--max-steps", "3", *common])
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "patch 2 weights converted to patch 1" in log
+    opt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["opt"]
+    assert opt["param_groups"][0]["lr"] == pytest.approx(5e-4 / 4)  # a fresh optimizer warms up again: 1 of 4 steps
+    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000003")
+    assert snap.config.patch_size == 1

@@ -78,6 +78,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="mini", choices=["mini", "test"])
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="spatial patch of the transformer (default: the config's, 2 for mini); with --init from a "
+                        "teacher of patch 2, patch 1 starts from its weights (see repatch_to_1)")
     args = p.parse_args(argv)
     if args.echo < 1:
         p.error(f"--echo must be >= 1, got {args.echo}")
@@ -110,11 +113,13 @@ def main(argv=None) -> None:
     vae = comps["vae"]
     c = vae.config.latent_channels
     cfg = MINI if args.config == "mini" else TinyConfig(patch_size=2)
-    transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c}))
+    patch = args.patch_size or cfg.patch_size
+    transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c, "patch_size": patch}))
     pipe = MagicI2VPipeline(transformer=transformer, **comps)
     opt = torch.optim.AdamW(param_groups(transformer, args.text_lr_scale), lr=args.lr, weight_decay=0.01,
                             betas=(0.9, 0.99))
     step, best = 0, -1.0
+    warm_from = 0  # the step a fresh optimizer starts at: the lr warms up from there
     ckpt = out / "ckpt.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -126,14 +131,20 @@ def main(argv=None) -> None:
                 g["lr_scale"] = scale
         else:
             say("parameter groups changed (--text-lr-scale): fresh optimizer state")
+            warm_from = state["step"]
         step, best = state["step"], state.get("best", -1.0)
         say(f"resumed at step {step}")
     elif args.init:
-        transformer.load_state_dict(
-            type(transformer).from_pretrained(Path(args.init) / TEACHER).state_dict())
+        source = type(transformer).from_pretrained(Path(args.init) / TEACHER)
+        state = source.state_dict()
+        if source.config.patch_size != patch:
+            state = repatch_to_1(state, source.config.patch_size, patch)
+            say(f"patch {source.config.patch_size} weights converted to patch {patch}")
+        transformer.load_state_dict(state)
         info = Path(args.init) / "training.json"
         step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
+        warm_from = step
     ema, ema_steps = None, 0
     if args.ema:
         ema = copy.deepcopy(transformer).requires_grad_(False)
@@ -163,7 +174,7 @@ def main(argv=None) -> None:
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = velocity(transformer, s * noise + (1 - s) * batch.x0, sigma, batch)
         loss = torch.nn.functional.mse_loss(pred, noise - batch.x0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = args.lr * min(1.0, (step - warm_from + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
@@ -199,6 +210,23 @@ def main(argv=None) -> None:
             pipe.transformer = transformer
             t_ckpt = time.time() + 60 * args.ckpt_minutes
     say(f"done at step {step} ({encoded} batches encoded this run)")
+
+
+def repatch_to_1(state: dict, src: int, dst: int) -> dict:
+    """A patch-`src` transformer's weights as a patch-1 one (a finer token grid: one token per latent pixel).
+    The patch embedding's kernel is summed, so a flat region gives the same token as before; the output
+    projection's `src` x `src` sub-positions are averaged. Every other weight is per token and kept; the rotary
+    positions now count finer tokens, which fine-tuning has to absorb."""
+    if dst != 1 or src < 1:
+        raise ValueError(f"only a conversion to patch 1 is supported, got patch {src} -> {dst}")
+    state = dict(state)
+    w = state["x_embedder.proj.weight"]  # [D, C_in, p_t, p, p]
+    state["x_embedder.proj.weight"] = w.sum(dim=(3, 4), keepdim=True)
+    d = state["proj_out.weight"].shape[1]
+    # Output features are ordered (channel, p_t, p, p), as the model unpatchifies them.
+    state["proj_out.weight"] = state["proj_out.weight"].view(-1, src * src, d).mean(1)
+    state["proj_out.bias"] = state["proj_out.bias"].view(-1, src * src).mean(1)
+    return state
 
 
 @torch.no_grad()
