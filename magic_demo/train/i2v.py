@@ -136,11 +136,11 @@ def main(argv=None) -> None:
         say(f"resumed at step {step}")
     elif args.init:
         source = type(transformer).from_pretrained(Path(args.init) / TEACHER)
-        state = source.state_dict()
+        weights = source.state_dict()
         if source.config.patch_size != patch:
-            state = repatch_to_1(state, source.config.patch_size, patch)
+            weights = repatch_to_1(weights, source.config.patch_size, patch)
             say(f"patch {source.config.patch_size} weights converted to patch {patch}")
-        transformer.load_state_dict(state)
+        transformer.load_state_dict(weights)
         info = Path(args.init) / "training.json"
         step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
@@ -217,7 +217,7 @@ def repatch_to_1(state: dict, src: int, dst: int) -> dict:
     The patch embedding's kernel is summed, so a flat region gives the same token as before; the output
     projection's `src` x `src` sub-positions are averaged. Every other weight is per token and kept; the rotary
     positions now count finer tokens, which fine-tuning has to absorb."""
-    if dst != 1 or src < 1:
+    if dst != 1:
         raise ValueError(f"only a conversion to patch 1 is supported, got patch {src} -> {dst}")
     state = dict(state)
     w = state["x_embedder.proj.weight"]  # [D, C_in, p_t, p, p]
