@@ -49,7 +49,7 @@ class WindowFinished:
     window: int  # 1-based
     total_windows: int
     frames_written: int  # frames in the playable video so far
-    video_path: str  # playable mp4 of everything so far
+    video_path: str  # playable mp4 of everything so far (from stream_video: a snapshot, gone at the next event)
     window_s: float
 
 

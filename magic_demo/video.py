@@ -8,14 +8,16 @@ the windows finished before the cancel are kept and written.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import random
 import resource
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -292,6 +294,9 @@ def stream_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Path
                  cancel: Optional[CancelToken] = None) -> Iterator[Event]:
     """Run `generate_video` on a worker thread and yield its events as they happen.
 
+    A WindowFinished's `video_path` is a snapshot of the video up to that window, removed when the next event is
+    requested (the final video, in VideoFinished, stays).
+
     Errors raised by the engine are re-raised here. If the consumer stops iterating (a client went away),
     the job is cancelled and the worker joined, so nothing keeps running in the background.
     """
@@ -301,7 +306,7 @@ def stream_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Path
 
     def work():
         try:
-            generate_video(pipe, req, out_path, events.put, cancel)
+            generate_video(pipe, req, out_path, lambda e: events.put(_snapshot(e)), cancel)
         except BaseException as exc:  # handed to the consumer thread, re-raised there
             failure.append(exc)
         finally:
@@ -309,12 +314,38 @@ def stream_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Path
 
     worker = threading.Thread(target=work, name="magic-video", daemon=True)
     worker.start()
+    event = None
     try:
         while (event := events.get()) is not _END:
             yield event
+            _drop_snapshot(event)  # the consumer asked for the next event: it is done with this one
         if failure:
             raise failure[0]
     finally:
         if worker.is_alive():
             cancel.cancel()
         worker.join()
+        _drop_snapshot(event)  # the consumer left early: this snapshot and any still queued go
+        while not events.empty():
+            _drop_snapshot(events.get())
+
+
+def _snapshot(event: Event) -> Event:
+    """Give a WindowFinished its own file. The writer re-muxes the next window into the same path while the
+    consumer (a Gradio generator) may still be about to copy this one; a hard link keeps this window's file
+    until the consumer has moved on."""
+    if not isinstance(event, WindowFinished):
+        return event
+    path = Path(event.video_path)
+    snap = path.with_name(f"{path.stem}.window-{event.window:03d}{path.suffix}")
+    try:
+        snap.unlink(missing_ok=True)
+        os.link(path, snap)
+    except OSError:  # no hard links here: a copy does the same
+        shutil.copyfile(path, snap)
+    return replace(event, video_path=str(snap))
+
+
+def _drop_snapshot(event) -> None:
+    if isinstance(event, WindowFinished):
+        Path(event.video_path).unlink(missing_ok=True)

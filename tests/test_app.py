@@ -36,11 +36,9 @@ def test_generated_first_frame_then_video(client):
     outputs = list(job)
     videos = [o[0] for o in outputs if isinstance(o[0], str)]
     assert len(videos) >= 3  # one growing mp4 per window (3 windows) plus the final one
-    # Each yield is a playable mp4 of whole windows (9, 17, 24 frames), growing. Known race: the writer re-muxes the
-    # next window into the same path, so when the machine is busy the copy gradio makes of a yield can already hold
-    # the next window (seen once in CI: [17, 17, 24]).
-    counts = [len(read_video(v)[0]) for v in videos[:3]]
-    assert set(counts) <= {9, 17, 24} and counts == sorted(counts) and counts[-1] == 24
+    # Each window's yield is its own playable mp4, growing by whole windows (a snapshot: the writer re-muxes the
+    # next window into the video's path while gradio may still be copying this one)
+    assert [len(read_video(v)[0]) for v in videos[:3]] == [9, 17, 24]
     final = outputs[-1]
     assert final[2]["frames"] == 24 and final[2]["text_encoder_calls"] == 1 and final[3] == 3
     assert final[1].startswith("Done")

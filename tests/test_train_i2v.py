@@ -157,3 +157,24 @@ def test_a_patch_1_teacher_starts_from_a_patch_2_preset_with_a_warmup(tmp_path):
     assert opt["param_groups"][0]["lr"] == pytest.approx(5e-4 / 4)  # a fresh optimizer warms up again: 1 of 4 steps
     snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000003")
     assert snap.config.patch_size == 1
+
+
+def test_learning_rate_warms_up_holds_then_anneals_to_zero_at_max_steps():
+    lr = [i2v.learning_rate(s, 1e-3, warm_from=100, warmup=10, max_steps=200, anneal=50) for s in range(100, 200)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # warm-up from where the optimizer began
+    assert lr[10:50] == pytest.approx([1e-3] * 40)  # constant until the last 50 steps
+    assert lr[75] == pytest.approx(0.5e-3) and lr[99] == pytest.approx(0.02e-3)  # linear decay towards 0 at 200
+    assert i2v.learning_rate(150, 1e-3, 0, 10, 200, anneal=0) == pytest.approx(1e-3)  # no anneal: constant
+
+
+def test_anneal_without_max_steps_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        i2v.main(["--out", str(tmp_path / "run"), "--anneal", "100"])
+
+
+def test_an_annealed_run_steps_with_the_decayed_lr(tmp_path):
+    vae = tiny_vae_folder(tmp_path / "vae")
+    i2v.main(["--out", str(tmp_path / "run"), "--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32",
+              "--eval-clips", "1", "--config", "test", "--warmup", "1", "--max-steps", "4", "--anneal", "2"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]["lr"] == \
+        pytest.approx(5e-4 / 2)  # the last step (0-based 3 of 4) had 1 of the anneal's 2 steps left

@@ -1,4 +1,5 @@
 import math
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,22 @@ def test_event_stream_order_and_growing_video(tiny_pipe, first_frame, tmp_path):
     # a window is announced after its own last step (its mp4 is written while the next window denoises)
     assert all(body.index(f) > body.index(s) for f, s in zip(finished, steps[1::2]))
     assert [e.frames_written for e in finished] == [9, 17, 24]
+    assert not list(tmp_path.glob("*.window-*"))  # each window's snapshot went once the next event was asked for
+
+
+def test_each_window_event_has_its_own_file_until_the_consumer_moves_on(tiny_pipe, first_frame, tmp_path):
+    stream = stream_video(tiny_pipe, make_request(first_frame, seconds=3.0, steps=2), tmp_path / "v.mp4")
+    seen = []
+    for e in stream:
+        if isinstance(e, WindowFinished):
+            if e.window == 1:
+                time.sleep(1.0)  # a slow consumer: the writer has re-muxed window 2 into v.mp4 meanwhile
+            seen.append(len(read_video(e.video_path)[0]))
+        if isinstance(e, WindowFinished) and e.window == 2:
+            break
+    stream.close()
+    assert seen == [9, 17]
+    assert not list(tmp_path.glob("*.window-*"))  # a consumer that leaves early leaves no snapshots behind
 
 
 def test_stream_reraises_engine_errors(tiny_pipe, first_frame, tmp_path):

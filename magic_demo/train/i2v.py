@@ -73,6 +73,9 @@ def main(argv=None) -> None:
     p.add_argument("--echo", type=int, default=1,
                    help="optimisation steps per encoded batch, each with fresh noise levels and noise (data "
                         "echoing): encoding a batch (VAE over 8 x 17 frames) costs ~3x the transformer step on CPU")
+    p.add_argument("--anneal", type=int, default=0,
+                   help="decay the lr linearly to 0 over the last ANNEAL steps before --max-steps (0: constant lr); "
+                        "a constant-lr run is still noisy where it stops, and the decay settles it")
     p.add_argument("--ckpt-minutes", type=float, default=5)
     p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -84,6 +87,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.echo < 1:
         p.error(f"--echo must be >= 1, got {args.echo}")
+    if args.anneal and args.max_steps == p.get_default("max_steps"):
+        p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +179,7 @@ def main(argv=None) -> None:
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = velocity(transformer, s * noise + (1 - s) * batch.x0, sigma, batch)
         loss = torch.nn.functional.mse_loss(pred, noise - batch.x0)
-        lr = args.lr * min(1.0, (step - warm_from + 1) / args.warmup)
+        lr = learning_rate(step, args.lr, warm_from, args.warmup, args.max_steps, args.anneal)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
@@ -210,6 +215,15 @@ def main(argv=None) -> None:
             pipe.transformer = transformer
             t_ckpt = time.time() + 60 * args.ckpt_minutes
     say(f"done at step {step} ({encoded} batches encoded this run)")
+
+
+def learning_rate(step: int, base: float, warm_from: int, warmup: int, max_steps: int, anneal: int) -> float:
+    """Linear warm-up from `warm_from` (where this optimizer started), then constant, then (anneal > 0) a linear
+    decay to 0 over the last `anneal` steps before `max_steps`."""
+    lr = base * min(1.0, (step - warm_from + 1) / warmup)
+    if anneal > 0:
+        lr *= min(1.0, max(0.0, (max_steps - step) / anneal))
+    return lr
 
 
 def repatch_to_1(state: dict, src: int, dst: int) -> dict:
