@@ -1,6 +1,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -95,7 +96,11 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     common = ["--preset-dir", str(tmp_path / "mini"), "--batch", "1", "--frames", "5", "--size", "32",
               "--eval-clips", "1", "--eval-every", "2", "--threads", "1"]
     distill.main(["cfg", "--out", str(tmp_path / "cfg"), "--export", str(tmp_path / "student"), "--max-iters", "2",
-                  *common])
+                  "--anneal", "2", *common])
+    opt = torch.load(tmp_path / "cfg" / "ckpt.pt", weights_only=True)["opt"]
+    assert opt["param_groups"][0]["lr"] == pytest.approx(1e-4 / 2)  # the last iteration: 1 of the anneal's 2 left
+    with pytest.raises(SystemExit):  # the anneal is the cfg recipe's
+        distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--anneal", "2", *common])
     student = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student")
     assert student.config.guidance_embeds and student.config.in_channels == 9
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",

@@ -27,6 +27,7 @@ from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
 from magic_demo.train.batches import encode_batch, sample_clips
+from magic_demo.train.i2v import learning_rate
 
 TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
 
@@ -48,12 +49,16 @@ def main(argv=None) -> None:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4, help="student (cfg) / generator (dmd2) learning rate")
     p.add_argument("--lr-fake", type=float, default=3e-4)
+    p.add_argument("--anneal", type=int, default=0,
+                   help="cfg: decay the lr linearly to 0 over the last ANNEAL iterations before --max-iters")
     p.add_argument("--t2v", action="store_true")
     p.add_argument("--eval-every", type=int, default=50, help="iterations between metric points (Fig. 5 curve)")
     p.add_argument("--eval-clips", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.anneal and (args.recipe != "cfg" or args.max_iters == p.get_default("max_iters")):
+        p.error("--anneal is for cfg and needs --max-iters (the iteration the decay ends at)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +114,8 @@ def main(argv=None) -> None:
         if args.recipe == "cfg":
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
             loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg)
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(it, args.lr, 0, 1, args.max_iters, args.anneal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
