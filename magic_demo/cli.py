@@ -110,9 +110,12 @@ def _eval(args: argparse.Namespace) -> int:
                 size=preset.width, guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale
             ).as_dict()
     if "long" in args.what:
+        # the preset's own sampler steps, and a folder per preset so two evals can run side by side
         results["long_video"] = evaluate.evaluate_long_video(pipe, seconds=args.seconds, fps=preset.fps,
                                                              window_frames=preset.window_frames, n=args.videos,
-                                                             size=preset.width, guidance_scale=preset.guidance_scale,
+                                                             steps=preset.steps, size=preset.width,
+                                                             out_dir=f"outputs/eval/{preset.name}",
+                                                             guidance_scale=preset.guidance_scale,
                                                              true_cfg_scale=preset.true_cfg_scale)
         from magic_demo.video_io import read_video
 

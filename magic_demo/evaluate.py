@@ -176,7 +176,8 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
         kept.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
         reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"],
                         "video": str(done.video_path)})
-    return {"videos": n, "seconds": seconds, "colour_anchor": colour_anchor, "colour_kept": round(float(np.mean(kept)), 4),
+    return {"videos": n, "seconds": seconds, "steps": steps, "colour_anchor": colour_anchor,
+            "colour_kept": round(float(np.mean(kept)), 4),
             "present": round(float(np.mean(present)), 4), "runs": reports}
 
 

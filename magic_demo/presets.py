@@ -100,8 +100,8 @@ PRESETS: dict[str, Preset] = {
                build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0,
                text_to_image=_tiny_text_to_image, gallery_index=ASSETS / "gallery_index"),
         Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini); the 4-step "
-               "student: the teacher CFG-distilled, run at 4 steps (see assets/mini/training.json)", guidance_scale=3.0,
-               **_MINI),
+               "student: the teacher CFG-distilled, run at 4 steps with guidance input 1 (see "
+               "assets/mini/training.json)", guidance_scale=1.0, **_MINI),
         Preset("mini-8step", "the miniature 8-step DMD2 student (Table 1 comparison)", steps=8, guidance_scale=3.0,
                transformer_folder="student_8step", **_MINI),
         Preset("mini-teacher", "the undistilled miniature teacher: Euler with two-pass CFG (Table 1 comparison)",

@@ -48,6 +48,8 @@ def test_eval_prints_figures_and_writes_the_sample_sheet(tmp_path):
     results = json.loads((tmp_path / "e.json").read_text())
     assert results["i2v_2_steps"]["clips"] == 2 and 0 <= results["i2v_2_steps"]["motion_accuracy"] <= 1
     assert results["long_video"]["videos"] == 1 and results["long_video"]["runs"][0]["frames"] == 16
+    # the long videos go to a folder of the preset's own (two evals can run side by side)
+    assert Path(results["long_video"]["runs"][0]["video"]).parent.name == "tiny-random"
     from PIL import Image
 
     assert Image.open(tmp_path / "tiny-random_samples.png").size[0] > 0
