@@ -115,7 +115,8 @@ def main(argv=None) -> None:
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
             loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg)
             for g in opt.param_groups:
-                g["lr"] = learning_rate(it, args.lr, 0, 1, args.max_iters, args.anneal)
+                g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
+                                        anneal=args.anneal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
