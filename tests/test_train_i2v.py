@@ -178,3 +178,37 @@ def test_an_annealed_run_steps_with_the_decayed_lr(tmp_path):
               "--eval-clips", "1", "--config", "test", "--warmup", "1", "--max-steps", "4", "--anneal", "2"])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]["lr"] == \
         pytest.approx(5e-4 / 2)  # the last step (0-based 3 of 4) had 1 of the anneal's 2 steps left
+
+
+def test_shape_loss_weights_mark_the_latent_pixels_over_the_shape():
+    from magic_demo import world
+    from magic_demo.train.batches import shape_loss_weights, weighted_mse
+
+    video, _, _ = sample_clips(step=5, batch=3, frames=5, size=32, fps=8, seed=0, dropout=0.0)
+    w = shape_loss_weights(video, (3, 16, 5, 4, 4), 4.0)  # a per-frame VAE with x8 spatial compression
+    assert w.shape == (3, 1, 5, 4, 4) and set(w.unique().tolist()) == {1.0, 4.0}
+    frames = ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().numpy()
+    for b in range(3):
+        for t in range(5):
+            mask = world.find_shape(frames[b, t])["mask"]  # the evaluator's own shape finder
+            covered = mask.reshape(4, 8, 4, 8).any(axis=(1, 3))
+            assert (w[b, 0, t] == 4.0).numpy().tolist() == covered.tolist()
+    assert w.mean() < 2.5  # the shape covers a minority of latent pixels
+    # a temporal VAE (4 frames per latent frame): a latent pixel is marked where any of its frames has the shape
+    assert shape_loss_weights(video, (3, 16, 2, 4, 4), 4.0).shape == (3, 1, 2, 4, 4)
+    pred, target = torch.randn(3, 16, 5, 4, 4), torch.randn(3, 16, 5, 4, 4)
+    plain = torch.nn.functional.mse_loss(pred, target)
+    assert torch.allclose(weighted_mse(pred, target), plain) and torch.allclose(
+        weighted_mse(pred, target, torch.ones(3, 1, 5, 4, 4)), plain)
+    target_off_shape = torch.where(w.expand_as(pred) == 4.0, pred, target)  # errors only off the shape
+    assert weighted_mse(pred, target_off_shape, w) < torch.nn.functional.mse_loss(pred, target_off_shape)
+
+
+def test_shape_weighted_training_runs_and_refuses_weights_below_1(tmp_path):
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--out", str(tmp_path / "run"), "--vae", str(vae), "--batch", "2", "--frames", "5", "--size", "32",
+              "--eval-clips", "1", "--config", "test", "--warmup", "1"]
+    with pytest.raises(SystemExit):
+        i2v.main(common + ["--shape-weight", "0.5"])
+    i2v.main(common + ["--max-steps", "2", "--shape-weight", "4"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2

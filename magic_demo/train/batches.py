@@ -39,6 +39,29 @@ def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: 
     return video, captions, firsts
 
 
+def shape_loss_weights(video: torch.Tensor, latent_shape: Sequence[int], shape_weight: float,
+                       threshold: float = 40.0) -> torch.Tensor:
+    """Per-latent-pixel loss weights [B, 1, t, h, w]: `shape_weight` where a latent pixel covers part of the shape,
+    1 elsewhere. The shape is found as `world.find_shape` does (RGB distance > `threshold`, 0-255, from the
+    clip's background: the median of frame 0's border); a latent pixel counts if any pixel it covers does.
+    The background fills ~90% of a frame and is easy, so a plain mean spends most of the loss on it."""
+    rgb = (video + 1.0) * 127.5  # [B, 3, T, H, W]
+    first = rgb[:, :, 0]
+    border = torch.cat([first[..., 0, :], first[..., -1, :], first[..., :, 0], first[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[:, :, None, None, None]
+    mask = ((rgb - background).norm(dim=1, keepdim=True) > threshold).float()
+    covered = torch.nn.functional.adaptive_max_pool3d(mask, tuple(latent_shape[-3:]))
+    return 1.0 + (shape_weight - 1.0) * covered
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error with per-position weights broadcast over channels (normalised: weights 1 = plain MSE)."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    weights = weights.expand_as(pred)
+    return (weights * (pred - target) ** 2).sum() / weights.sum()
+
+
 def neutral_image(size: tuple[int, int]) -> Image.Image:
     """What the VLM sees for a clip made without its first frame (text-to-video): plain mid-gray, no information.
     (Masking the image tokens out is not an option: the transformer reads its text mask as a prefix length.)"""

@@ -27,7 +27,8 @@ from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components, save_components
 from magic_demo.sampling import make_scheduler
-from magic_demo.train.batches import encode_batch, noise_levels, sample_clips, velocity
+from magic_demo.train.batches import (encode_batch, noise_levels, sample_clips, shape_loss_weights, velocity,
+                                      weighted_mse)
 from magic_demo.tiny import (TinyConfig, build_clip_text, build_image_processor, build_text_encoder, build_transformer,
                              build_word_tokenizer)
 
@@ -76,6 +77,9 @@ def main(argv=None) -> None:
     p.add_argument("--anneal", type=int, default=0,
                    help="decay the lr linearly to 0 over the last ANNEAL steps before --max-steps (0: constant lr); "
                         "a constant-lr run is still noisy where it stops, and the decay settles it")
+    p.add_argument("--shape-weight", type=float, default=1.0,
+                   help="loss weight of the latent pixels that cover the shape (1: plain MSE); the background is "
+                        "~90%% of every frame, so the shape's colour and outline get a small share of a plain loss")
     p.add_argument("--ckpt-minutes", type=float, default=5)
     p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -87,6 +91,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.echo < 1:
         p.error(f"--echo must be >= 1, got {args.echo}")
+    if args.shape_weight < 1:
+        p.error(f"--shape-weight must be >= 1, got {args.shape_weight}")
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
@@ -163,22 +169,25 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed * 7919 + step)
     t_end = time.time() + 60 * args.minutes
     t_ckpt = time.time() + 60 * args.ckpt_minutes
-    losses, batch, echoed, encoded = [], None, 0, 0
+    losses, batch, weights, echoed, encoded = [], None, None, 0, 0
     while time.time() < t_end and step < args.max_steps:
         transformer.train()
         # A resumed run starts a fresh batch even mid-echo: resumes already differ from an unbroken run, since the
         # noise generator is reseeded from the step.
         if batch is None or echoed == args.echo:
             text_only = (torch.rand(args.batch, generator=gen) < args.image_dropout).tolist()
-            batch = encode_batch(pipe, *sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
-                                                     args.text_dropout), text_only=text_only)
+            video, captions, firsts = sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
+                                                   args.text_dropout)
+            batch = encode_batch(pipe, video, captions, firsts, text_only=text_only)
+            if args.shape_weight != 1:
+                weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             echoed, encoded = 0, encoded + 1
         echoed += 1
         sigma = noise_levels(len(batch.x0), gen)
         noise = torch.randn(batch.x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = velocity(transformer, s * noise + (1 - s) * batch.x0, sigma, batch)
-        loss = torch.nn.functional.mse_loss(pred, noise - batch.x0)
+        loss = weighted_mse(pred, noise - batch.x0, weights)
         lr = learning_rate(step, args.lr, warm_from, args.warmup, args.max_steps, args.anneal)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
