@@ -84,6 +84,20 @@ def test_cfg_student_starts_as_teacher_and_learns_to_read_guidance():
     assert not torch.allclose(a, b, atol=1e-4)  # the output now depends on the guidance input
 
 
+def test_cfg_distill_loss_with_unit_weights_is_the_plain_loss_and_weights_change_it():
+    torch.manual_seed(0)
+    pipe = MagicI2VPipeline(**build_tiny_components(seed=0))
+    teacher = pipe.transformer
+    student = student_from_teacher(teacher)
+    batch, empty = tiny_batch(pipe), tiny_batch(pipe, ["", ""])
+    ones = torch.ones(2, 1, *batch.x0.shape[2:])
+    heavy = ones.clone()
+    heavy[:, :, :, :2] = 10.0  # the top half of every latent frame
+    losses = [cfg_distill_loss(student, teacher, batch, empty, torch.Generator().manual_seed(3), weights=w)[0].item()
+              for w in (None, ones, heavy)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[2] != pytest.approx(losses[0], rel=1e-3)
+
+
 def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -96,11 +110,13 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     common = ["--preset-dir", str(tmp_path / "mini"), "--batch", "1", "--frames", "5", "--size", "32",
               "--eval-clips", "1", "--eval-every", "2", "--threads", "1"]
     distill.main(["cfg", "--out", str(tmp_path / "cfg"), "--export", str(tmp_path / "student"), "--max-iters", "2",
-                  "--anneal", "2", *common])
+                  "--anneal", "2", "--shape-weight", "4", *common])
     opt = torch.load(tmp_path / "cfg" / "ckpt.pt", weights_only=True)["opt"]
     assert opt["param_groups"][0]["lr"] == pytest.approx(1e-4 / 2)  # the last iteration: 1 of the anneal's 2 left
     with pytest.raises(SystemExit):  # the anneal is the cfg recipe's
         distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--anneal", "2", *common])
+    with pytest.raises(SystemExit):  # and so is the shape weight
+        distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--shape-weight", "4", *common])
     student = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student")
     assert student.config.guidance_embeds and student.config.in_channels == 9
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",

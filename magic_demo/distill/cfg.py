@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from magic_demo.train.batches import TrainBatch, noise_levels, velocity
+from magic_demo.train.batches import TrainBatch, noise_levels, velocity, weighted_mse
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,10 @@ def student_from_teacher(teacher: HunyuanVideoTransformer3DModel) -> HunyuanVide
 
 
 def cfg_distill_loss(student, teacher, batch: TrainBatch, empty: TrainBatch, generator: torch.Generator,
-                     cfg: CFGDistillConfig = CFGDistillConfig()) -> tuple[torch.Tensor, dict]:
-    """One step's loss. `empty` is the same batch with the empty prompt's text embeddings."""
+                     cfg: CFGDistillConfig = CFGDistillConfig(),
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """One step's loss. `empty` is the same batch with the empty prompt's text embeddings; `weights` [B, 1, t, h, w]
+    (optional) weigh the latent positions in both terms (`shape_loss_weights`)."""
     b = len(batch.x0)
     sigma = noise_levels(b, generator)
     noise = torch.randn(batch.x0.shape, generator=generator)
@@ -47,9 +49,8 @@ def cfg_distill_loss(student, teacher, batch: TrainBatch, empty: TrainBatch, gen
         guided = velocity(teacher, z, sigma, batch)
         wv = w.view(-1, 1, 1, 1, 1)
         target = (1 + wv) * guided - wv * velocity(teacher, z, sigma, empty)
-    loss_cfg = torch.nn.functional.mse_loss(velocity(student, z, sigma, batch, guidance=w), target)
+    loss_cfg = weighted_mse(velocity(student, z, sigma, batch, guidance=w), target, weights)
     # L_base: the ordinary flow-matching loss on data, at w = 0 (no guidance).
-    loss_base = torch.nn.functional.mse_loss(velocity(student, z, sigma, batch, guidance=torch.zeros(b)),
-                                             noise - batch.x0)
+    loss_base = weighted_mse(velocity(student, z, sigma, batch, guidance=torch.zeros(b)), noise - batch.x0, weights)
     loss = cfg.lambda_cfg * loss_cfg + loss_base
     return loss, {"loss_cfg": loss_cfg.item(), "loss_base": loss_base.item()}

@@ -26,7 +26,7 @@ from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
-from magic_demo.train.batches import encode_batch, sample_clips
+from magic_demo.train.batches import encode_batch, sample_clips, shape_loss_weights
 from magic_demo.train.i2v import learning_rate
 
 TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
@@ -51,12 +51,16 @@ def main(argv=None) -> None:
     p.add_argument("--lr-fake", type=float, default=3e-4)
     p.add_argument("--anneal", type=int, default=0,
                    help="cfg: decay the lr linearly to 0 over the last ANNEAL iterations before --max-iters")
+    p.add_argument("--shape-weight", type=float, default=1.0,
+                   help="cfg: loss weight of the latent pixels that cover the shape (as `train i2v --shape-weight`)")
     p.add_argument("--t2v", action="store_true")
     p.add_argument("--eval-every", type=int, default=50, help="iterations between metric points (Fig. 5 curve)")
     p.add_argument("--eval-clips", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.shape_weight != 1 and (args.recipe != "cfg" or args.shape_weight < 1):
+        p.error(f"--shape-weight is for cfg and must be >= 1, got {args.shape_weight} for {args.recipe}")
     if args.anneal and (args.recipe != "cfg" or args.max_iters == p.get_default("max_iters")):
         p.error("--anneal is for cfg and needs --max-iters (the iteration the decay ends at)")
     torch.set_num_threads(args.threads)
@@ -113,7 +117,8 @@ def main(argv=None) -> None:
         batch = encode_batch(pipe, video, captions, firsts, text_only)
         if args.recipe == "cfg":
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
-            loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg)
+            weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight) if args.shape_weight != 1 else None
+            loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights)
             for g in opt.param_groups:
                 g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
                                         anneal=args.anneal)
