@@ -39,17 +39,14 @@ def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: 
     return video, captions, firsts
 
 
-def shape_loss_weights(video: torch.Tensor, latent_shape: Sequence[int], shape_weight: float,
-                       threshold: float = 40.0) -> torch.Tensor:
+def shape_loss_weights(video: torch.Tensor, latent_shape: Sequence[int], shape_weight: float) -> torch.Tensor:
     """Per-latent-pixel loss weights [B, 1, t, h, w]: `shape_weight` where a latent pixel covers part of the shape,
-    1 elsewhere. The shape is found as `world.find_shape` does (RGB distance > `threshold`, 0-255, from the
-    clip's background: the median of frame 0's border); a latent pixel counts if any pixel it covers does.
-    The background fills ~90% of a frame and is easy, so a plain mean spends most of the loss on it."""
-    rgb = (video + 1.0) * 127.5  # [B, 3, T, H, W]
-    first = rgb[:, :, 0]
-    border = torch.cat([first[..., 0, :], first[..., -1, :], first[..., :, 0], first[..., :, -1]], dim=-1)
-    background = border.median(dim=-1).values[:, :, None, None, None]
-    mask = ((rgb - background).norm(dim=1, keepdim=True) > threshold).float()
+    1 elsewhere. The shape is found as the evaluator finds it (`world.find_shape`, against the background of the
+    clip's frame 0); a latent pixel counts if any pixel it covers does. The background fills ~90% of a frame and
+    is easy, so a plain mean spends most of the loss on it."""
+    frames = ((video.permute(0, 2, 3, 4, 1) + 1.0) * 127.5).numpy()  # [B, T, H, W, 3]
+    masks = [[world.find_shape(f, world.estimate_background(clip[0]))["mask"] for f in clip] for clip in frames]
+    mask = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # [B, 1, T, H, W]
     covered = torch.nn.functional.adaptive_max_pool3d(mask, tuple(latent_shape[-3:]))
     return 1.0 + (shape_weight - 1.0) * covered
 
