@@ -39,11 +39,14 @@ def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: 
     return video, captions, firsts
 
 
-def shape_loss_weights(video: torch.Tensor, latent_shape: Sequence[int], shape_weight: float) -> torch.Tensor:
+def shape_loss_weights(video: torch.Tensor, latent_shape: Sequence[int],
+                       shape_weight: float) -> Optional[torch.Tensor]:
     """Per-latent-pixel loss weights [B, 1, t, h, w]: `shape_weight` where a latent pixel covers part of the shape,
-    1 elsewhere. The shape is found as the evaluator finds it (`world.find_shape`, against the background of the
+    1 elsewhere; None for a weight of 1 (plain MSE, `weighted_mse`). The shape is found as the evaluator finds it (`world.find_shape`, against the background of the
     clip's frame 0); a latent pixel counts if any pixel it covers does. The background fills ~90% of a frame and
     is easy, so a plain mean spends most of the loss on it."""
+    if shape_weight == 1:
+        return None
     frames = ((video.permute(0, 2, 3, 4, 1) + 1.0) * 127.5).numpy()  # [B, T, H, W, 3]
     masks = [[world.find_shape(f, world.estimate_background(clip[0]))["mask"] for f in clip] for clip in frames]
     mask = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # [B, 1, T, H, W]

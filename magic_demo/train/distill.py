@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         batch = encode_batch(pipe, video, captions, firsts, text_only)
         if args.recipe == "cfg":
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
-            weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight) if args.shape_weight != 1 else None
+            weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights)
             for g in opt.param_groups:
                 g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,

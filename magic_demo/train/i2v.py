@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed * 7919 + step)
     t_end = time.time() + 60 * args.minutes
     t_ckpt = time.time() + 60 * args.ckpt_minutes
-    losses, batch, weights, echoed, encoded = [], None, None, 0, 0
+    losses, batch, echoed, encoded = [], None, 0, 0
     while time.time() < t_end and step < args.max_steps:
         transformer.train()
         # A resumed run starts a fresh batch even mid-echo: resumes already differ from an unbroken run, since the
@@ -179,8 +179,7 @@ def main(argv=None) -> None:
             video, captions, firsts = sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
                                                    args.text_dropout)
             batch = encode_batch(pipe, video, captions, firsts, text_only=text_only)
-            if args.shape_weight != 1:
-                weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
+            weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             echoed, encoded = 0, encoded + 1
         echoed += 1
         sigma = noise_levels(len(batch.x0), gen)
