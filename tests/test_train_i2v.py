@@ -212,3 +212,37 @@ def test_shape_weighted_training_runs_and_refuses_weights_below_1(tmp_path):
         i2v.main(common + ["--shape-weight", "0.5"])
     i2v.main(common + ["--max-steps", "2", "--shape-weight", "4"])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_condition_noise_touches_only_the_conditioning_latents_of_image_rows(tiny_pipe):
+    from magic_demo.train.batches import encode_batch, noise_condition
+
+    video, captions, firsts = sample_clips(step=5, batch=4, frames=5, size=32, fps=8, seed=0, dropout=0.0)
+    batch = encode_batch(tiny_pipe, video, captions, firsts, text_only=[False, True, False, False])
+    assert noise_condition(batch, 0.0, torch.Generator().manual_seed(0)) is batch  # off: the very same batch
+    c = batch.x0.shape[1]
+    noised = noise_condition(batch, 0.5, torch.Generator().manual_seed(0), prob=1.0)
+    delta = noised.cond - batch.cond
+    assert delta[:, c:].abs().sum() == 0 and delta[:, :c, 1:].abs().sum() == 0  # mask and later frames untouched
+    assert noised.cond[1].abs().sum() == 0  # a text-only row stays without an image
+    per_row = delta[:, :c, :1].flatten(1).std(1)
+    assert (per_row[[0, 2, 3]] > 0).all() and (per_row <= 0.5 * 1.1).all()  # std ~ U(0, 0.5) per image row
+    assert torch.equal(noised.x0, batch.x0) and torch.equal(noised.embeds, batch.embeds)  # target and text kept
+    assert batch.cond[0, :c, 0].abs().sum() > 0 and torch.equal(batch.cond, encode_batch(
+        tiny_pipe, video, captions, firsts, text_only=[False, True, False, False]).cond)  # the input is not modified
+    never = noise_condition(batch, 0.5, torch.Generator().manual_seed(0), prob=0.0)
+    assert torch.equal(never.cond, batch.cond)
+    rows = [noise_condition(batch, 0.5, torch.Generator().manual_seed(s), prob=0.5).cond for s in range(40)]
+    changed = np.mean([not torch.equal(r[i], batch.cond[i]) for r in rows for i in (0, 2, 3)])
+    assert 0.3 < changed < 0.7  # about half of the image rows
+
+
+def test_condition_noise_training_runs_and_refuses_negative_values(tmp_path, capsys):
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--out", str(tmp_path / "run"), "--vae", str(vae), "--batch", "2", "--frames", "5", "--size", "32",
+              "--eval-clips", "1", "--config", "test", "--warmup", "1"]
+    with pytest.raises(SystemExit):
+        i2v.main(common + ["--condition-noise", "-0.1"])
+    assert "--condition-noise must be >= 0, got -0.1" in capsys.readouterr().err
+    i2v.main(common + ["--max-steps", "2", "--condition-noise", "0.5"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2

@@ -62,6 +62,26 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[tor
     return (weights * (pred - target) ** 2).sum() / weights.sum()
 
 
+def noise_condition(batch: TrainBatch, max_sigma: float, generator: torch.Generator,
+                    prob: float = 0.5) -> TrainBatch:
+    """The batch with Gaussian noise on its conditioning image latents: each image-conditioned row, with
+    probability `prob`, gets noise of std ~ U(0, max_sigma) (the clean latents and the target are untouched).
+    Windows after the first are conditioned on a frame the model made, whose latent carries the model's errors;
+    trained on noisy conditions, the model learns to make a clean clip from them instead of copying the errors
+    forward (Stable Video Diffusion noises its conditioning frame for a related reason). Text-only rows stay zero."""
+    if max_sigma <= 0:
+        return batch
+    c = batch.x0.shape[1]
+    n = len(batch.x0)
+    has_image = batch.cond[:, c, 0].flatten(1).amax(1) > 0  # the mask channel marks frame 0 as given
+    picked = (torch.rand(n, generator=generator) < prob) & has_image
+    sigma = max_sigma * torch.rand(n, generator=generator) * picked
+    noise = torch.randn(batch.cond[:, :c, :1].shape, generator=generator)
+    cond = batch.cond.clone()
+    cond[:, :c, :1] += sigma.view(-1, 1, 1, 1, 1) * noise
+    return TrainBatch(batch.x0, cond, batch.embeds, batch.mask, batch.pooled)
+
+
 def neutral_image(size: tuple[int, int]) -> Image.Image:
     """What the VLM sees for a clip made without its first frame (text-to-video): plain mid-gray, no information.
     (Masking the image tokens out is not an option: the transformer reads its text mask as a prefix length.)"""

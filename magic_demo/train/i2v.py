@@ -27,8 +27,8 @@ from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components, save_components
 from magic_demo.sampling import make_scheduler
-from magic_demo.train.batches import (encode_batch, noise_levels, sample_clips, shape_loss_weights, velocity,
-                                      weighted_mse)
+from magic_demo.train.batches import (encode_batch, noise_condition, noise_levels, sample_clips, shape_loss_weights,
+                                      velocity, weighted_mse)
 from magic_demo.tiny import (TinyConfig, build_clip_text, build_image_processor, build_text_encoder, build_transformer,
                              build_word_tokenizer)
 
@@ -80,6 +80,9 @@ def main(argv=None) -> None:
     p.add_argument("--shape-weight", type=float, default=1.0,
                    help="loss weight of the latent pixels that cover the shape (1: plain MSE); the background is "
                         "~90%% of every frame, so the shape's colour and outline get a small share of a plain loss")
+    p.add_argument("--condition-noise", type=float, default=0.0,
+                   help="noise half of the conditioning image latents with std ~ U(0, this) (batches.noise_condition): "
+                        "robustness to the model's own frames conditioning the next window (0: off)")
     p.add_argument("--ckpt-minutes", type=float, default=5)
     p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -93,6 +96,8 @@ def main(argv=None) -> None:
         p.error(f"--echo must be >= 1, got {args.echo}")
     if args.shape_weight < 1:
         p.error(f"--shape-weight must be >= 1, got {args.shape_weight}")
+    if args.condition_noise < 0:
+        p.error(f"--condition-noise must be >= 0, got {args.condition_noise}")
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
@@ -185,7 +190,8 @@ def main(argv=None) -> None:
         sigma = noise_levels(len(batch.x0), gen)
         noise = torch.randn(batch.x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1, 1)
-        pred = velocity(transformer, s * noise + (1 - s) * batch.x0, sigma, batch)
+        pred = velocity(transformer, s * noise + (1 - s) * batch.x0, sigma,
+                        noise_condition(batch, args.condition_noise, gen))
         loss = weighted_mse(pred, noise - batch.x0, weights)
         lr = learning_rate(step, args.lr, warm_from, args.warmup, args.max_steps, args.anneal)
         for g in opt.param_groups:
