@@ -98,6 +98,34 @@ def test_cfg_distill_loss_with_unit_weights_is_the_plain_loss_and_weights_change
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[2] != pytest.approx(losses[0], rel=1e-3)
 
 
+def test_cfg_distill_condition_noise_reaches_the_student_only():
+    pipe = MagicI2VPipeline(**build_tiny_components(seed=0))
+    teacher, student = pipe.transformer, student_from_teacher(pipe.transformer)
+    batch, empty = tiny_batch(pipe), tiny_batch(pipe, ["", ""])
+    c = batch.x0.shape[1]
+
+    class Recorder:  # what each model was conditioned on
+        def __init__(self, model):
+            self.model, self.config, self.conds = model, model.config, []
+
+        def __call__(self, hidden_states, **kwargs):
+            self.conds.append(hidden_states[:, c:].detach().clone())
+            return self.model(hidden_states=hidden_states, **kwargs)
+
+    seen_teacher, seen_student = Recorder(teacher), Recorder(student)
+    for seed in range(6):
+        cfg_distill_loss(seen_student, seen_teacher, batch, empty, torch.Generator().manual_seed(seed),
+                         condition_noise=0.5)
+    assert len(seen_teacher.conds) == len(seen_student.conds) == 12
+    assert all(torch.equal(x, batch.cond) for x in seen_teacher.conds)  # the teacher always sees the clean frame
+    noised = [not torch.equal(x, batch.cond) for x in seen_student.conds]
+    assert any(noised)
+    assert all(torch.equal(x[:, :, 1:], batch.cond[:, :, 1:]) for x in seen_student.conds)  # only frame 0's latent
+    plain = Recorder(student)
+    cfg_distill_loss(plain, teacher, batch, empty, torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, batch.cond) for x in plain.conds)  # off by default
+
+
 def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -110,13 +138,15 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     common = ["--preset-dir", str(tmp_path / "mini"), "--batch", "1", "--frames", "5", "--size", "32",
               "--eval-clips", "1", "--eval-every", "2", "--threads", "1"]
     distill.main(["cfg", "--out", str(tmp_path / "cfg"), "--export", str(tmp_path / "student"), "--max-iters", "2",
-                  "--anneal", "2", "--shape-weight", "4", *common])
+                  "--anneal", "2", "--shape-weight", "4", "--condition-noise", "0.3", *common])
     opt = torch.load(tmp_path / "cfg" / "ckpt.pt", weights_only=True)["opt"]
     assert opt["param_groups"][0]["lr"] == pytest.approx(1e-4 / 2)  # the last iteration: 1 of the anneal's 2 left
     with pytest.raises(SystemExit):  # the anneal is the cfg recipe's
         distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--anneal", "2", *common])
     with pytest.raises(SystemExit):  # and so is the shape weight
         distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--shape-weight", "4", *common])
+    with pytest.raises(SystemExit):  # and the condition noise
+        distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--condition-noise", "0.3", *common])
     student = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student")
     assert student.config.guidance_embeds and student.config.in_channels == 9
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",

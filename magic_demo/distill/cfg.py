@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from magic_demo.train.batches import TrainBatch, noise_levels, velocity, weighted_mse
+from magic_demo.train.batches import TrainBatch, noise_condition, noise_levels, velocity, weighted_mse
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,12 @@ def student_from_teacher(teacher: HunyuanVideoTransformer3DModel) -> HunyuanVide
 
 def cfg_distill_loss(student, teacher, batch: TrainBatch, empty: TrainBatch, generator: torch.Generator,
                      cfg: CFGDistillConfig = CFGDistillConfig(),
-                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     weights: torch.Tensor | None = None,
+                     condition_noise: float = 0.0) -> tuple[torch.Tensor, dict]:
     """One step's loss. `empty` is the same batch with the empty prompt's text embeddings; `weights` [B, 1, t, h, w]
-    (optional) weigh the latent positions in both terms (`shape_loss_weights`)."""
+    (optional) weigh the latent positions in both terms (`shape_loss_weights`). With `condition_noise` > 0 the
+    student sees noised conditioning latents (`noise_condition`) while the teacher keeps the clean ones: the student
+    learns to do from an imperfect first frame what the teacher does from a clean one."""
     b = len(batch.x0)
     sigma = noise_levels(b, generator)
     noise = torch.randn(batch.x0.shape, generator=generator)
@@ -49,8 +52,9 @@ def cfg_distill_loss(student, teacher, batch: TrainBatch, empty: TrainBatch, gen
         guided = velocity(teacher, z, sigma, batch)
         wv = w.view(-1, 1, 1, 1, 1)
         target = (1 + wv) * guided - wv * velocity(teacher, z, sigma, empty)
-    loss_cfg = weighted_mse(velocity(student, z, sigma, batch, guidance=w), target, weights)
+    seen = noise_condition(batch, condition_noise, generator)  # the batch itself when condition_noise is 0
+    loss_cfg = weighted_mse(velocity(student, z, sigma, seen, guidance=w), target, weights)
     # L_base: the ordinary flow-matching loss on data, at w = 0 (no guidance).
-    loss_base = weighted_mse(velocity(student, z, sigma, batch, guidance=torch.zeros(b)), noise - batch.x0, weights)
+    loss_base = weighted_mse(velocity(student, z, sigma, seen, guidance=torch.zeros(b)), noise - batch.x0, weights)
     loss = cfg.lambda_cfg * loss_cfg + loss_base
     return loss, {"loss_cfg": loss_cfg.item(), "loss_base": loss_base.item()}

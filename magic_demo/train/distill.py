@@ -53,12 +53,17 @@ def main(argv=None) -> None:
                    help="cfg: decay the lr linearly to 0 over the last ANNEAL iterations before --max-iters")
     p.add_argument("--shape-weight", type=float, default=1.0,
                    help="cfg: loss weight of the latent pixels that cover the shape (as `train i2v --shape-weight`)")
+    p.add_argument("--condition-noise", type=float, default=0.0,
+                   help="cfg: the student sees noised conditioning latents, the teacher clean ones (as `train i2v "
+                        "--condition-noise`)")
     p.add_argument("--t2v", action="store_true")
     p.add_argument("--eval-every", type=int, default=50, help="iterations between metric points (Fig. 5 curve)")
     p.add_argument("--eval-clips", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.condition_noise != 0 and (args.recipe != "cfg" or args.condition_noise < 0):
+        p.error(f"--condition-noise is for cfg and must be >= 0, got {args.condition_noise} for {args.recipe}")
     if args.shape_weight != 1 and (args.recipe != "cfg" or args.shape_weight < 1):
         p.error(f"--shape-weight is for cfg and must be >= 1, got {args.shape_weight} for {args.recipe}")
     if args.anneal and (args.recipe != "cfg" or args.max_iters == p.get_default("max_iters")):
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
         if args.recipe == "cfg":
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
             weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
-            loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights)
+            loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
             for g in opt.param_groups:
                 g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
                                         anneal=args.anneal)
