@@ -83,3 +83,15 @@ def test_match_colours_restores_a_drifted_hue_and_keeps_the_layout():
     assert np.array_equal(out[~inside], np.tile([0, 0, 40], (1024 - 64, 1)))  # the background stays flat
     assert np.array_equal(match_colours(reference, reference), reference)
     assert out.dtype == np.uint8 and out.shape == drifted.shape
+
+
+def test_match_colours_maps_only_to_values_the_reference_has():
+    reference = _square((200, 40, 40), x=4)  # flat: two colours
+    rng = np.random.default_rng(0)
+    noisy = _square((150, 60, 90), x=16).astype(int) + rng.integers(-20, 21, (32, 32, 3))  # drifted, grainy
+    out = match_colours(np.clip(noisy, 0, 255).astype(np.uint8), reference)
+    inside = np.zeros((32, 32), bool)
+    inside[10:18, 16:24] = True
+    # every shape pixel is the reference's red, every other pixel its background: no in-between values
+    assert np.array_equal(out[inside], np.tile([200, 40, 40], (64, 1)))
+    assert np.array_equal(out[~inside], np.tile([0, 0, 40], (1024 - 64, 1)))
