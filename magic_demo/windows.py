@@ -67,7 +67,7 @@ def match_colours(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
     one-minute videos: colour kept 58% with interpolation, 64% without, 20 videos)."""
     out = np.empty_like(frame)
     for c in range(frame.shape[-1]):
-        values, inverse, counts = np.unique(frame[..., c], return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(frame[..., c], return_inverse=True, return_counts=True)
         ref_values, ref_counts = np.unique(reference[..., c], return_counts=True)
         quantiles = np.cumsum(counts) / frame[..., c].size
         ref_quantiles = np.cumsum(ref_counts) / reference[..., c].size
