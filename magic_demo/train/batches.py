@@ -5,6 +5,7 @@ Shared by the teacher trainer and the distillation recipes (CFG distillation, DM
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,8 +43,9 @@ def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: 
 def shape_loss_weights(video: torch.Tensor, latent_shape: Sequence[int],
                        shape_weight: float) -> Optional[torch.Tensor]:
     """Per-latent-pixel loss weights [B, 1, t, h, w]: `shape_weight` where a latent pixel covers part of the shape,
-    1 elsewhere; None for a weight of 1 (plain MSE, `weighted_mse`). The shape is found as the evaluator finds it (`world.find_shape`, against the background of the
-    clip's frame 0); a latent pixel counts if any pixel it covers does. The background fills ~90% of a frame and
+    1 elsewhere; None for a weight of 1 (plain MSE, `weighted_mse`). The shape is found as the evaluator finds it
+    (`world.find_shape`, against the background of the clip's frame 0); a latent pixel counts if any pixel it
+    covers does. The background fills ~90% of a frame and
     is easy, so a plain mean spends most of the loss on it."""
     if shape_weight == 1:
         return None
@@ -67,8 +69,9 @@ def noise_condition(batch: TrainBatch, max_sigma: float, generator: torch.Genera
     """The batch with Gaussian noise on its conditioning image latents: each image-conditioned row, with
     probability `prob`, gets noise of std ~ U(0, max_sigma) (the clean latents and the target are untouched).
     Windows after the first are conditioned on a frame the model made, whose latent carries the model's errors;
-    trained on noisy conditions, the model learns to make a clean clip from them instead of copying the errors
-    forward (Stable Video Diffusion noises its conditioning frame for a related reason). Text-only rows stay zero."""
+    the aim is a model that makes a clean clip from them instead of copying the errors forward (Stable Video
+    Diffusion noises its conditioning frame for a related reason). Measured on the miniature, it did not help
+    (README, honest state). Text-only rows stay zero."""
     if max_sigma <= 0:
         return batch
     c = batch.x0.shape[1]
@@ -79,7 +82,7 @@ def noise_condition(batch: TrainBatch, max_sigma: float, generator: torch.Genera
     noise = torch.randn(batch.cond[:, :c, :1].shape, generator=generator)
     cond = batch.cond.clone()
     cond[:, :c, :1] += sigma.view(-1, 1, 1, 1, 1) * noise
-    return TrainBatch(batch.x0, cond, batch.embeds, batch.mask, batch.pooled)
+    return dataclasses.replace(batch, cond=cond)
 
 
 def neutral_image(size: tuple[int, int]) -> Image.Image:
