@@ -104,11 +104,13 @@ def _eval(args: argparse.Namespace) -> int:
     results: dict = {"preset": preset.name}
     pipe = load_pipeline(preset, quantize=args.quantize) if {"i2v", "long"} & set(args.what) else None
     if "i2v" in args.what:
+        # the model's raw frames, and the app's output (colour anchor on: every frame's colours mapped to the first's)
         for steps in args.steps:
-            results[f"i2v_{steps}_steps"] = evaluate.evaluate_i2v(
-                pipe, n=args.clips, steps=steps, num_frames=preset.window_frames, fps=preset.fps,
-                size=preset.width, guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale
-            ).as_dict()
+            for anchor, suffix in ((False, ""), (True, "_colour_anchor")):
+                results[f"i2v_{steps}_steps{suffix}"] = evaluate.evaluate_i2v(
+                    pipe, n=args.clips, steps=steps, num_frames=preset.window_frames, fps=preset.fps,
+                    size=preset.width, guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale,
+                    colour_anchor=anchor).as_dict()
     if "long" in args.what:
         # the preset's own sampler steps, and a folder per preset so two evals can run side by side
         results["long_video"] = evaluate.evaluate_long_video(pipe, seconds=args.seconds, fps=preset.fps,
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overlap", type=int, default=0, help="frames cross-faded between windows")
     gen.add_argument("--condition", default="last_frame", choices=["last_frame", "last_latent"])
     gen.add_argument("--no-colour-anchor", action="store_true",
-                     help="condition each window on the model's last frame as is (no histogram match to frame 1)")
+                     help="keep the model's raw colours (no histogram match of every frame to frame 1)")
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--true-cfg-scale", type=float, default=None,
                      help="> 1 turns on classic two-pass CFG (default: the preset's)")

@@ -23,6 +23,7 @@ from PIL import Image
 
 from magic_demo.autoencoder import decode_latents, encode_video, latent_geometry, video_to_uint8
 from magic_demo.sampling import MAX_STEPS, build_sigmas, sample_euler
+from magic_demo.windows import match_colours
 
 SIZE_MULTIPLE = 16
 
@@ -199,18 +200,23 @@ class MagicI2VPipeline(DiffusionPipeline):
 
     # ---- 5. decode --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [1, C, t, h, w] -> frames [T, H, W, 3] uint8."""
+    def decode(self, latents: torch.Tensor, colour_reference: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Latents [1, C, t, h, w] -> frames [T, H, W, 3] uint8; with `colour_reference` (an RGB uint8 image),
+        each frame histogram-matched to it (the colour anchor, see windows.py)."""
         self.calls.update(["vae_decode"])
-        return video_to_uint8(decode_latents(self.vae, latents)[0])
+        frames = video_to_uint8(decode_latents(self.vae, latents)[0])
+        if colour_reference is None:
+            return frames
+        return torch.from_numpy(np.stack([match_colours(f, colour_reference) for f in frames.numpy()]))
 
     # ---- one clip ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, image: Image.Image, prompt: str, num_frames: int, steps: int = 4, seed: int = 0,
                  guidance_scale: float = 1.0, true_cfg_scale: float = 1.0, negative_prompt: str = "",
                  callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-        """Generate one clip of `num_frames` frames ([T, H, W, 3] uint8) whose frame 0 follows `image`."""
+                 should_stop: Optional[Callable[[], bool]] = None, colour_anchor: bool = True) -> torch.Tensor:
+        """Generate one clip of `num_frames` frames ([T, H, W, 3] uint8) whose frame 0 follows `image`;
+        `colour_anchor` maps every frame's colours back to the image's (False: the model's raw frames)."""
         # 1. check inputs
         width, height = image.size if isinstance(image, Image.Image) else (None, None)
         self.check_inputs(image, height, width, num_frames, steps)
@@ -225,4 +231,4 @@ class MagicI2VPipeline(DiffusionPipeline):
         latents = self.denoise(condition, embeds.select(0), steps, generator, guidance_scale, true_cfg_scale,
                                embeds.select(1) if use_cfg else None, callback, should_stop)
         # 5. decode
-        return self.decode(latents)
+        return self.decode(latents, np.asarray(image.convert("RGB")) if colour_anchor else None)

@@ -167,8 +167,8 @@ def build_app(service: DemoService) -> gr.Blocks:
                     steps = gr.Slider(1, 50, value=preset.steps, step=1, label="Steps")
                     seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, elem_id="seed")
                     overlap = gr.Slider(0, preset.window_frames - 2, value=0, step=1, label="Window overlap (frames)")
-                    colour_anchor = gr.Checkbox(value=True, label="Colour anchor: match each window's conditioning "
-                                                "frame to the first frame's colours (less drift over a minute)")
+                    colour_anchor = gr.Checkbox(value=True, label="Colour anchor: match every frame's colours to "
+                                                "the first frame's (no hue drift, also over a minute)")
                 with gr.Row():
                     gen_btn = gr.Button("Generate video", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")

@@ -30,7 +30,7 @@ from magic_demo.events import (CancelToken, Event, StepFinished, VideoFinished, 
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.sampling import MAX_STEPS, Cancelled
 from magic_demo.video_io import SegmentedMp4Writer
-from magic_demo.windows import FrameAssembler, derive_window_seed, match_colours, plan_windows
+from magic_demo.windows import FrameAssembler, derive_window_seed, plan_windows
 
 MAX_SECONDS = 60.0
 FPS_RANGE = (1, 60)
@@ -50,7 +50,7 @@ class VideoRequest:
     window_frames: int = 33
     overlap: int = 0
     condition: str = "last_frame"
-    colour_anchor: bool = True  # histogram-match each window's conditioning frame to the first frame (windows.py)
+    colour_anchor: bool = True  # histogram-match every decoded frame to the first frame (windows.py)
     denoise_threads: Optional[int] = None  # CPU threads for windows 2+ (None: half the cores, see generate_video)
     guidance_scale: float = 1.0  # input of a CFG-distilled transformer (if it has a guidance embedding)
     true_cfg_scale: float = 1.0  # > 1: classic two-pass CFG (explicit opt-in)
@@ -165,7 +165,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     first_window_at: list[float] = []  # seconds from start to the first playable mp4
     cancelled = False
     cond_image, cond_latent = image, None
-    reference = np.asarray(image)  # the colour anchor's reference: the video's first frame
+    reference = np.asarray(image) if req.colour_anchor else None  # the colour anchor's: the video's first frame
     # On CPU with a per-frame VAE (the miniature), the writer thread decodes each window while the main thread
     # denoises the next one; only the frame that conditions the next window is decoded up front. torch's CPU
     # thread count is process-wide, so from window 2 on it is set once for both sides (half the cores each):
@@ -180,8 +180,8 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     def decode_window(latents: torch.Tensor, plan, start_image: Image.Image) -> np.ndarray:
         if plan.index > 0 and geom.temporal_ratio == 1:
             # A per-frame VAE need not decode frame 0: it is the conditioning frame, already in the video.
-            return np.concatenate([np.asarray(start_image)[None], pipe.decode(latents[:, :, 1:]).numpy()])
-        return pipe.decode(latents).numpy()
+            return np.concatenate([np.asarray(start_image)[None], pipe.decode(latents[:, :, 1:], reference).numpy()])
+        return pipe.decode(latents, reference).numpy()
 
     def publish(writer: SegmentedMp4Writer, plan, frames: Optional[np.ndarray], latents: torch.Tensor,
                 start_image: Image.Image, tw: float, last: bool) -> Path:
@@ -211,12 +211,8 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
             tw = time.perf_counter()
             k, n = plan.index + 1, len(plans)
             emit(WindowStarted(k, n, plan.num_frames))
-            if cond_latent is not None:
-                latent = cond_latent
-            elif req.colour_anchor and plan.index > 0:
-                latent = pipe.encode_image(Image.fromarray(match_colours(np.asarray(cond_image), reference)))
-            else:
-                latent = pipe.encode_image(cond_image)
+            # cond_image is a decoded frame, already colour-matched when the anchor is on
+            latent = cond_latent if cond_latent is not None else pipe.encode_image(cond_image)
             condition = pipe.prepare_condition(latent, geom.latent_frames(plan.num_frames))
             generator = torch.Generator().manual_seed(derive_window_seed(seed, plan.index))
             try:
@@ -241,7 +237,7 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
                 if frames is not None:
                     cond_image = Image.fromarray(frames[i])
                 else:
-                    cond_image = Image.fromarray(pipe.decode(latents[:, :, i:i + 1]).numpy()[0])
+                    cond_image = Image.fromarray(pipe.decode(latents[:, :, i:i + 1], reference).numpy()[0])
                 cond_latent = latents[:, :, -1:] if req.condition == "last_latent" else None
         video_path = written[-1].result() if written else None  # waits for every write, raises the first error
         _raise_write_error(written)

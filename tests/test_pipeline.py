@@ -62,6 +62,18 @@ def test_one_clip_shape_and_calls(tiny_pipe, first_frame):
     assert delta["transformer"] == 3 and delta["text_encoder"] == 1
 
 
+def test_colour_anchor_maps_each_frame_onto_the_images_palette(tiny_pipe, first_frame):
+    from magic_demo.windows import match_colours
+
+    raw = tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, colour_anchor=False).numpy()
+    anchored = tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0).numpy()  # on by default
+    reference = np.asarray(first_frame)
+    assert np.array_equal(anchored, np.stack([match_colours(f, reference) for f in raw]))
+    for c in range(3):  # only values the first frame has, per channel; the random model's raw frames have others
+        assert set(np.unique(anchored[..., c])) <= set(np.unique(reference[..., c]))
+        assert not set(np.unique(raw[..., c])) <= set(np.unique(reference[..., c]))
+
+
 def test_classic_cfg_only_when_asked(tiny_pipe, first_frame):
     before = tiny_pipe.calls["transformer"]
     tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, true_cfg_scale=4.0)

@@ -182,7 +182,7 @@ def test_per_frame_vae_windows_skip_decoding_the_conditioning_frame(tmp_path, fi
     assert done.report["frames"] == 24 and len(read_video(done.video_path)[0]) == 24
 
 
-def test_colour_anchor_corrects_only_the_conditioning_of_later_windows(tiny_pipe, first_frame, tmp_path):
+def test_colour_anchor_maps_every_frame_and_so_each_windows_conditioning(tiny_pipe, first_frame, tmp_path):
     from magic_demo.windows import match_colours
 
     def run(anchor, name):
@@ -201,10 +201,12 @@ def test_colour_anchor_corrects_only_the_conditioning_of_later_windows(tiny_pipe
     assert plain.report["colour_anchor"] is False and anchored.report["colour_anchor"] is True
     assert len(seen) == anchored.report["windows"] == 3
     assert np.array_equal(seen[0], np.asarray(first_frame))  # window 1: the user's frame, untouched
-    # window 2 is conditioned on frame 8 of window 1, histogram-matched to the first frame
+    # window 1 is the same clip either way, so window 2's conditioning is the same frame 8, histogram-matched
     assert np.array_equal(seen[1], match_colours(plain_seen[1], np.asarray(first_frame)))
     assert not np.array_equal(seen[1], plain_seen[1])
-    assert np.array_equal(frames[:9], plain_frames[:9])  # the video keeps the model's own frames up to there
+    # the video itself is mapped too: its frames sit near the first frame's colours, the raw noise does not
+    gap = lambda video: np.abs(video.reshape(-1, 3).mean(0) - np.asarray(first_frame).reshape(-1, 3).mean(0)).max()
+    assert gap(frames[1:9]) < 8 < gap(plain_frames[1:9]), (gap(frames[1:9]), gap(plain_frames[1:9]))
 
 
 def test_later_windows_share_the_cores_with_the_writer_and_the_video_stays_the_same(tiny_pipe, first_frame, tmp_path):
