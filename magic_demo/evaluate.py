@@ -101,7 +101,8 @@ def text_to_video_clip(pipe, prompt: str, num_frames: int, steps: int, seed: int
 @torch.inference_mode()
 def generate_eval_clips(pipe, specs: list[world.ClipSpec], steps: int, num_frames: int = 17, size: int = 64,
                         seed: int = 0, guidance_scale: float = 1.0, true_cfg_scale: float = 1.0,
-                        text_only: bool = False, colour_anchor: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                        text_only: bool = False,
+                        colour_anchor: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """One clip per spec (seed + index), from the spec's rendered first frame (or from text only); returns
     (clips, first frames). The model's raw frames unless `colour_anchor` (the app's post-process, which maps
     every frame's colours to the first frame's; not applicable from text only)."""
