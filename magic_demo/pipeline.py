@@ -231,4 +231,4 @@ class MagicI2VPipeline(DiffusionPipeline):
         latents = self.denoise(condition, embeds.select(0), steps, generator, guidance_scale, true_cfg_scale,
                                embeds.select(1) if use_cfg else None, callback, should_stop)
         # 5. decode
-        return self.decode(latents, np.asarray(image.convert("RGB")) if colour_anchor else None)
+        return self.decode(latents, np.asarray(image) if colour_anchor else None)
