@@ -183,8 +183,13 @@ def _coverage(shape, r, cx, cy, size, ss):
 def render_clip(spec: ClipSpec, num_frames: int, size: int = DEFAULT_SIZE, fps: float = DEFAULT_FPS,
                 supersample: int = 4) -> np.ndarray:
     """Render a clip as uint8 [T, H, W, 3]; a pure function of its arguments."""
-    traj = trajectory(spec, num_frames, fps)
-    a = _coverage(spec.shape, spec.radius, traj[:, 0], traj[:, 1], size, supersample)[..., None]
+    return render_at(spec, trajectory(spec, num_frames, fps), size, supersample)
+
+
+def render_at(spec: ClipSpec, centres, size: int = DEFAULT_SIZE, supersample: int = 4) -> np.ndarray:
+    """The spec's shape drawn at the given centres ([T, 2], (x, y) fractions of the frame): uint8 [T, H, W, 3]."""
+    centres = np.asarray(centres, np.float64).reshape(-1, 2)
+    a = _coverage(spec.shape, spec.radius, centres[:, 0], centres[:, 1], size, supersample)[..., None]
     bg = np.asarray(spec.bg_rgb, np.float32)
     fg = np.asarray(spec.rgb, np.float32)
     img = bg * (1 - a) + fg * a

@@ -1,8 +1,10 @@
 import json
 
+import numpy as np
 import torch
 from diffusers import AutoencoderTiny
 
+from magic_demo import world
 from magic_demo.autoencoder import latent_geometry
 from magic_demo.train import decoder as td
 
@@ -12,7 +14,7 @@ TEACHER = "assets/mini/t2i/vae"  # the full-width VAE (the default teacher)
 def test_decoder_distillation_resumes_and_exports_a_drop_in_vae(tmp_path):
     out, exp = tmp_path / "run", tmp_path / "export"
     common = ["--out", str(out), "--teacher", TEACHER, "--export", str(exp), "--clips", "2", "--clip-frames", "3",
-              "--windows", "1", "--batch", "4", "--channels", "4", "--blocks", "1,1,1,1", "--log-every", "1"]
+              "--windows", "1", "--held-windows", "1", "--batch", "4", "--channels", "4", "--blocks", "1,1,1,1", "--log-every", "1"]
     assert td.main(common + ["--steps", "2"]) == 2
     data = torch.load(out / "data.pt", weights_only=True)
     # 2 clips x 3 frames encoded + one 17-frame window denoised by the mini preset, teacher frames as targets
@@ -36,3 +38,55 @@ def test_frame_weights_mark_the_shape():
     w = td.frame_weights(y, 4.0)
     assert w.shape == (1, 1, 8, 8) and w.sum() == 64 + 4 * 4
     assert torch.all(w[0, 0, 2:4, 2:4] == 5)
+
+
+def test_world_targets_redraw_a_blurred_recoloured_shape_where_it_is_and_keep_frames_without_one():
+    for shape in world.SHAPES:
+        spec = world.sample_spec(7, shape=shape, motion="moves right", background="black")
+        clip = world.render_clip(spec, 5)
+        # a clean clip comes back as it is: the shape is redrawn at its own place (a triangle's centroid is not
+        # the centre of its box)
+        assert np.abs(td.world_targets(clip, spec).astype(int) - clip).mean() < 1.0, shape
+
+    spec = world.sample_spec(3, shape="square", colour="yellow", motion="stays still", background="navy")
+    clip = world.render_clip(spec, 3)
+    made = clip.astype(np.float32)
+    made[0] = made[0] * 0.7 + made[0].mean(axis=(0, 1)) * 0.3  # faded, blob-like ...
+    made[0, :, :, 1] *= 0.8  # ... and shifted toward orange
+    made[1, 1:6, 1:6] = (0, 255, 255)  # a stray cyan blob beside the shape
+    made[2] = np.asarray(spec.bg_rgb)  # the shape lost
+    made = made.round().astype(np.uint8)
+    target = td.world_targets(made, spec)
+    assert np.abs(target[0].astype(int) - clip[0]).mean() < 1.0  # redrawn in the spec's shade, square
+    found = world.find_shape(target[0], np.asarray(spec.bg_rgb))
+    assert world.classify_shape(found["mask"]) == "square" and world.classify_colour(found["colour"]) == "yellow"
+    assert np.abs(target[1].astype(int) - clip[1]).mean() < 1.0  # the blob is gone, the shape where it was
+    assert np.array_equal(target[2], made[2])  # nothing to redraw: the decoded frame is kept
+
+
+def test_render_at_draws_the_shape_centred_where_asked():
+    spec = world.sample_spec(5, shape="circle")
+    frame = world.render_at(spec, [(0.3, 0.6)])[0]
+    cx, cy = world.find_shape(frame, np.asarray(spec.bg_rgb))["centroid"]
+    assert abs((cx + 0.5) / 64 - 0.3) < 0.01 and abs((cy + 0.5) / 64 - 0.6) < 0.01
+    assert np.array_equal(world.render_clip(spec, 4), world.render_at(spec, world.trajectory(spec, 4)))
+
+
+def test_world_targets_run_fine_tunes_the_shipped_decoder_towards_rendered_pictures(tmp_path):
+    out, exp = tmp_path / "run", tmp_path / "export"
+    assert td.main(["--out", str(out), "--teacher", TEACHER, "--export", str(exp), "--targets", "world",
+                    "--init", "assets/mini/vae", "--clips", "2", "--clip-frames", "3", "--windows", "1",
+                    "--held-windows", "1", "--batch", "4", "--steps", "1", "--lr", "1e-9"]) == 1
+    data = torch.load(out / "data.pt", weights_only=True)["train"]
+    # encoder latents are paired with the rendered clips themselves
+    x, _, _ = td.make_batch(range(td.DATA_SEED, td.DATA_SEED + 2), 3)
+    rendered = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 1, 3, 4).flatten(0, 1)
+    assert torch.equal(data["enc_y"], rendered)
+    # denoised frames with a shape are redrawn: the targets differ from the teacher's pictures of the same latents
+    teacher_frames = td.decoder_frames(AutoencoderTiny.from_pretrained(TEACHER), data["den"])
+    assert data["den_y"].shape == teacher_frames.shape and not torch.equal(data["den_y"], teacher_frames)
+    # at a negligible lr the export is the initial decoder
+    shipped, tuned = AutoencoderTiny.from_pretrained("assets/mini/vae"), AutoencoderTiny.from_pretrained(exp)
+    for a, b in zip(shipped.decoder.state_dict().values(), tuned.decoder.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert "den_class_agree" in (out / "log.txt").read_text().split("exported")[1]

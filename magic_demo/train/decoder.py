@@ -1,7 +1,10 @@
-"""Distil the miniature VAE's decoder into a narrower, faster one (CPU, fp32, resumable).
+"""Train the miniature VAE's decoder on the latents the denoiser makes (CPU, fp32, resumable): distil it into a
+narrower, faster one, or teach it to draw those latents as clean world pictures.
 
     python -m magic_demo train decoder --out runs/decoder12 --channels 12 --batch 48 --total-steps 22000 \
         --minutes 70 --export runs/decoder12/export
+    python -m magic_demo train decoder --out runs/dw --targets world --init assets/mini/vae --clips 1000 \
+        --windows 1000 --lr 5e-4 --total-steps 10000 --minutes 50 --export runs/dw/export
 
 Decoding was the largest part of a window's cost on CPU (issue 8). The student is an ``AutoencoderTiny`` with
 the teacher's encoder (copied and frozen, so the latent space, and every denoiser trained on it, stays the same)
@@ -15,6 +18,12 @@ denoised by the ``mini`` preset from world first frames and captions; targets ar
 (uint8). Held-out latents come from other seeds. Every ``--ckpt-minutes`` the trainer evaluates PSNR against the
 teacher's frames and how often the colour and shape classes of a frame agree with the teacher's, checkpoints, and
 exports the best student (by held-out PSNR on denoised latents) to ``--export`` as a complete VAE folder.
+
+``--targets world`` (with ``--init``, fine-tuning a decoder) replaces the targets: the rendered clips for encoder
+latents, and for denoised windows a clean picture of the window's spec drawn wherever the teacher's frame shows
+the shape (`world_targets`). The denoiser draws squares as rounded blobs and adds stray blobs and hue shifts; a
+decoder fitted to encoder latents renders those errors faithfully, this one learns to draw them as the world's
+shapes. The best student is then the one whose frames most often have the target's colour and shape class.
 """
 from __future__ import annotations
 
@@ -60,19 +69,22 @@ def decoder_frames(vae: AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encoder_latents(teacher: AutoencoderTiny, clips: int, frames: int, seed: int) -> torch.Tensor:
-    """Encoder latents of world clips: [clips * frames, C, h, w]."""
-    out = []
+def encoder_latents(teacher: AutoencoderTiny, clips: int, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder latents of world clips [clips * frames, C, h, w] and the rendered frames [clips * frames, 3, H, W]
+    (uint8)."""
+    out, pictures = [], []
     for start in range(0, clips, 32):
         x, _, _ = make_batch(range(seed + start, seed + min(clips, start + 32)), frames)
         z = encode_raw(teacher, x)
         out.append(z.permute(0, 2, 1, 3, 4).flatten(0, 1))
-    return torch.cat(out)
+        pictures.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 1, 3, 4).flatten(0, 1))
+    return torch.cat(out), torch.cat(pictures)
 
 
 @torch.inference_mode()
-def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: int = 17) -> torch.Tensor:
-    """Latents of windows denoised by a preset's transformer (its own steps and guidance): [N, C, h, w], raw."""
+def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: int = 17):
+    """Latents of windows denoised by a preset's transformer (its own steps and guidance) from world first frames
+    and captions: ([N, C, h, w] raw, the spec of each window)."""
     from PIL import Image
 
     from magic_demo.presets import get_preset, load_pipeline
@@ -81,7 +93,7 @@ def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: 
     pipe = load_pipeline(p)
     rng = np.random.default_rng(seed)
     geom = pipe.geometry
-    out = []
+    out, specs = [], []
     for i in range(windows):
         spec = world.sample_spec(rng)
         image = Image.fromarray(world.render_first_frame(spec, size=p.width))
@@ -89,15 +101,52 @@ def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: 
         cond = pipe.prepare_condition(pipe.encode_image(image), pipe.geometry.latent_frames(num_frames))
         z = pipe.denoise(cond, embeds, p.steps, torch.Generator().manual_seed(seed + i), p.guidance_scale)
         out.append((z[0] / geom.scaling_factor + geom.shift_factor).permute(1, 0, 2, 3))
-    return torch.cat(out)
+        specs.append(spec)
+    return torch.cat(out), specs
+
+
+def world_targets(frames: np.ndarray, spec: world.ClipSpec) -> np.ndarray:
+    """Clean pictures of what a denoised window shows: the spec's shape (its shade, size, shape class and
+    background) drawn wherever the decoded frame [T, H, W, 3] has its shape; frames without a plausible shape are
+    kept as decoded. A decoder trained towards these learns to draw the denoiser's latents, errors included, as
+    world pictures (corners, one colour, no stray blobs) instead of as the blobs a plain decoder makes of them."""
+    from magic_demo.evaluate import AREA_RANGE
+
+    size = frames.shape[2]
+    bg, fg = np.asarray(spec.bg_rgb, np.float32), np.asarray(spec.rgb, np.float32)
+    out = frames.copy()
+    for t, frame in enumerate(frames.astype(np.float32)):
+        to_bg = np.linalg.norm(frame - bg, axis=-1)
+        # the shape's pixels stand out from the background (as world.find_shape's) and are nearer the spec's
+        # colour than the background's, so a stray blob of another colour does not pull the centroid away
+        mask = (to_bg > 40) & (np.linalg.norm(frame - fg, axis=-1) < to_bg)
+        if not AREA_RANGE[0] <= mask.mean() <= AREA_RANGE[1]:
+            continue
+        ys, xs = np.nonzero(mask)
+        cx, cy = (xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size
+        if spec.shape == "triangle":  # its centroid lies a third of the half extent below its box centre
+            cy -= spec.radius / 3
+        out[t] = world.render_at(spec, [(cx, cy)], size)[0]
+    return out
 
 
 def build_data(teacher: AutoencoderTiny, args, seed: int, clips: int, windows: int, say) -> dict:
+    """Training pairs. targets "teacher": the teacher decoder's frames of both kinds of latents. targets "world":
+    the rendered clip for encoder latents, `world_targets` of the teacher's frames for denoised ones."""
     t = time.time()
-    enc = encoder_latents(teacher, clips, args.clip_frames, seed)
-    den = denoised_latents(windows, seed)
-    data = {"enc": enc, "enc_y": decoder_frames(teacher, enc), "den": den, "den_y": decoder_frames(teacher, den)}
-    say(f"built {len(enc)} encoder + {len(den)} denoised latents (seed {seed}) in {time.time() - t:.0f}s")
+    enc, enc_clips = encoder_latents(teacher, clips, args.clip_frames, seed)
+    den, specs = denoised_latents(windows, seed, args.preset)
+    den_y = decoder_frames(teacher, den)
+    if args.targets == "world":
+        enc_y = enc_clips
+        frames = den_y.permute(0, 2, 3, 1).numpy().reshape(windows, -1, *den_y.shape[2:], 3)
+        den_y = torch.from_numpy(np.concatenate([world_targets(f, s) for f, s in zip(frames, specs)]))
+        den_y = den_y.permute(0, 3, 1, 2).contiguous()
+    else:
+        enc_y = decoder_frames(teacher, enc)
+    data = {"enc": enc, "enc_y": enc_y, "den": den, "den_y": den_y}
+    say(f"built {len(enc)} encoder + {len(den)} denoised latents (seed {seed}, {args.targets} targets) "
+        f"in {time.time() - t:.0f}s")
     return data
 
 
@@ -146,6 +195,10 @@ def train(args) -> int:
         log.write(line + "\n")
         log.flush()
 
+    if args.targets == "world" and args.latent_noise:
+        raise SystemExit("--latent-noise draws its targets with the teacher; it cannot be used with --targets world")
+    # teacher targets: agree with the teacher's pictures; world targets: draw the right colour and shape class
+    selection = "den_class_agree" if args.targets == "world" else "den_psnr"
     teacher = AutoencoderTiny.from_pretrained(args.teacher).eval()
     data_path = out / "data.pt"
     if data_path.exists():
@@ -153,13 +206,15 @@ def train(args) -> int:
         train_data, held = cached["train"], cached["held"]
     else:
         train_data = build_data(teacher, args, DATA_SEED, args.clips, args.windows, say)
-        held = build_data(teacher, args, HELD_OUT_DATA_SEED, 32, 8, say)
+        held = build_data(teacher, args, HELD_OUT_DATA_SEED, 32, args.held_windows, say)
         torch.save({"train": train_data, "held": held}, data_path)
     lat = torch.cat([train_data["enc"], train_data["den"]])
     tgt = torch.cat([train_data["enc_y"], train_data["den_y"]])
 
     blocks = tuple(int(b) for b in args.blocks.split(","))
     student = student_from_teacher(teacher, args.channels, blocks).to(memory_format=torch.channels_last)
+    if args.init:  # fine-tune an existing decoder of the same width (its encoder must be the teacher's)
+        student.decoder.load_state_dict(AutoencoderTiny.from_pretrained(args.init).decoder.state_dict())
     params = [p for p in student.decoder.parameters()]
     opt = torch.optim.Adam(params, lr=args.lr)
     step, best = 0, -1.0
@@ -171,7 +226,7 @@ def train(args) -> int:
         student.decoder.load_state_dict(ck["decoder"])
         opt.load_state_dict(ck["optimizer"])
         step, best = ck["step"], ck["best"]
-        say(f"resumed at step {step} (best held-out denoised-latent PSNR {best:.2f} dB)")
+        say(f"resumed at step {step} (best held-out {selection} {best:.3f})")
     say(f"student decoder: {args.channels} channels, blocks {blocks}, {sum(p.numel() for p in params) / 1e3:.0f}k "
         f"params; {len(lat)} training latents; batch {args.batch}, lr {args.lr}, threads {args.threads}")
     gen = torch.Generator().manual_seed(args.seed + step)
@@ -180,8 +235,9 @@ def train(args) -> int:
         nonlocal best
         m = evaluate(student, held)
         say(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
-        improved = m["den_psnr"] > best
-        best = max(best, m["den_psnr"])
+        score = m[selection]
+        improved = score > best
+        best = max(best, score)
         tmp = out / "ckpt_latest.pt.tmp"
         torch.save({"decoder": student.decoder.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "best": best, "channels": args.channels, "blocks": list(blocks)}, tmp)
@@ -193,7 +249,7 @@ def train(args) -> int:
             Path(args.export, "metrics.json").write_text(json.dumps(dict(m, step=step, teacher=args.teacher,
                                                                            channels=args.channels,
                                                                            blocks=list(blocks)), indent=1))
-            say(f"exported (held-out denoised-latent PSNR {best:.2f} dB) to {args.export}")
+            say(f"exported (held-out {selection} {best:.3f}) to {args.export}")
 
     t0 = last = time.time()
     start, ema = step, None
@@ -225,7 +281,7 @@ def train(args) -> int:
             checkpoint()
             last = time.time()
     checkpoint()
-    say(f"done at step {step}, best held-out denoised-latent PSNR {best:.2f} dB")
+    say(f"done at step {step}, best held-out {selection} {best:.3f}")
     log.close()
     return step
 
@@ -237,11 +293,16 @@ def parse_args(argv=None):
     # T2I model keeps its own copy of the original (byte-identical to the VAE it was trained on).
     p.add_argument("--teacher", default="assets/mini/t2i/vae")
     p.add_argument("--export", default="", help="best student VAE folder ('' to skip)")
+    p.add_argument("--init", default="", help="start from this VAE folder's decoder (same width; '' = fresh)")
+    p.add_argument("--targets", choices=("teacher", "world"), default="teacher",
+                   help="teacher: the teacher decoder's frames; world: clean world pictures (see world_targets)")
+    p.add_argument("--preset", default="mini", help="the preset whose transformer denoises the training windows")
     p.add_argument("--channels", type=int, default=12)
     p.add_argument("--blocks", default="3,3,3,1", help="decoder blocks per level (low to high resolution)")
     p.add_argument("--clips", type=int, default=1200, help="world clips encoded for training")
     p.add_argument("--clip-frames", type=int, default=9)
     p.add_argument("--windows", type=int, default=600, help="denoised 17-frame windows for training")
+    p.add_argument("--held-windows", type=int, default=24, help="held-out denoised windows (eval, selection)")
     p.add_argument("--batch", type=int, default=32, help="frames per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--total-steps", type=int, default=20000, help="length of the cosine lr schedule")
