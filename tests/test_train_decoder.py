@@ -90,3 +90,18 @@ def test_world_targets_run_fine_tunes_the_shipped_decoder_towards_rendered_pictu
     for a, b in zip(shipped.decoder.state_dict().values(), tuned.decoder.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     assert "den_class_agree" in (out / "log.txt").read_text().split("exported")[1]
+
+
+def test_spec_for_image_reads_shade_and_size_off_a_picture_and_takes_classes_from_the_caption():
+    spec = world.sample_spec(11, shape="square", colour="orange", background="gray")
+    image = world.render_first_frame(spec)
+    got = td.spec_for_image(image, world.caption(spec))
+    assert (got.shape, got.colour, got.background) == ("square", "orange", "gray")
+    assert abs(got.radius - spec.radius) < 0.01 and np.abs(np.subtract(got.bg_rgb, spec.bg_rgb)).max() <= 1
+    assert np.abs(td.world_targets(image[None], got)[0].astype(int) - image).mean() < 2.0  # redrawn as it was
+    # the caption decides the classes: a circle captioned as a triangle is redrawn as a triangle
+    circle = world.render_first_frame(world.sample_spec(11, shape="circle", colour="orange", background="gray"))
+    as_triangle = td.spec_for_image(circle, "an orange triangle stays still on a gray background")
+    redrawn = td.world_targets(circle[None], as_triangle)[0]
+    assert world.classify_shape(world.find_shape(redrawn)["mask"]) == "triangle"
+    assert td.spec_for_image(np.full((64, 64, 3), 90, np.uint8), world.caption(spec)) is None  # nothing drawn

@@ -105,6 +105,49 @@ def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: 
     return torch.cat(out), specs
 
 
+@torch.inference_mode()
+def t2i_latents(images: int, seed: int, path: str = "assets/mini/t2i", batch: int = 50):
+    """Latents the mini T2I model samples (its shipped steps and guidance) for world captions outside its held-out
+    evaluation set: ([N, C, h, w] raw, the captions)."""
+    from magic_demo.autoencoder import latent_geometry
+    from magic_demo.mini_t2i import HELDOUT_SET, generation_defaults, load_mini_t2i
+
+    pipe, settings = load_mini_t2i(path), generation_defaults(path)
+    geom = latent_geometry(pipe.vae)
+    rng = np.random.default_rng(seed)
+    captions = []
+    while len(captions) < images:
+        text = world.caption(world.sample_spec(rng))
+        if text not in HELDOUT_SET:
+            captions.append(text)
+    out = []
+    for start in range(0, images, batch):
+        chunk = captions[start:start + batch]
+        final = {}
+        pipe(prompt=chunk, generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))],
+             callback_on_step_end=lambda _p, _i, _t, kw: final.update(kw), output_type="pt", **settings)
+        out.append(final["latents"] / geom.scaling_factor + geom.shift_factor)
+    return torch.cat(out), captions
+
+
+def spec_for_image(frame: np.ndarray, text: str) -> world.ClipSpec | None:
+    """A still spec for a generated image [H, W, 3]: the caption's shape, colour class and background class, with
+    the image's background shade, the caption colour at the image's shade and the size of the image's shape (by
+    area). None when the image has no shape."""
+    words = world.parse_caption(text)
+    bg = world.estimate_background(frame)
+    found = world.find_shape(frame, bg)
+    if found["area"] == 0:
+        return None
+    base = np.asarray(world.COLOURS[words["colour"]], np.float64)
+    rgb = np.clip(found["colour"] @ base / (base @ base), 0.8, 1.0) * base
+    area = found["area"] / float(frame.shape[0] * frame.shape[1])
+    radius = {"circle": np.sqrt(area / np.pi), "square": np.sqrt(area) / 1.8,
+              "triangle": np.sqrt(area / 2)}[words["shape"]]
+    return world.ClipSpec(words["shape"], words["colour"], "stays still", words["background"], rgb=tuple(rgb),
+                          bg_rgb=tuple(np.round(bg)), radius=float(np.clip(radius, *world.SIZE_RANGE)))
+
+
 def world_targets(frames: np.ndarray, spec: world.ClipSpec) -> np.ndarray:
     """Clean pictures of what a denoised window shows: the spec's shape (its shade, size, shape class and
     background) drawn wherever the decoded frame [T, H, W, 3] has its shape; frames without a plausible shape are
@@ -135,12 +178,18 @@ def build_data(teacher: AutoencoderTiny, args, seed: int, clips: int, windows: i
     the rendered clip for encoder latents, `world_targets` of the teacher's frames for denoised ones."""
     t = time.time()
     enc, enc_clips = encoder_latents(teacher, clips, args.clip_frames, seed)
-    den, specs = denoised_latents(windows, seed, args.preset)
+    if args.preset == "t2i":  # images of the mini T2I model, one frame each
+        den, captions = t2i_latents(windows, seed)
+    else:
+        den, specs = denoised_latents(windows, seed, args.preset)
     den_y = decoder_frames(teacher, den)
     if args.targets == "world":
         enc_y = enc_clips
         frames = den_y.permute(0, 2, 3, 1).numpy().reshape(windows, -1, *den_y.shape[2:], 3)
-        den_y = torch.from_numpy(np.concatenate([world_targets(f, s) for f, s in zip(frames, specs)]))
+        if args.preset == "t2i":
+            specs = [spec_for_image(f[0], text) for f, text in zip(frames, captions)]
+        den_y = torch.from_numpy(np.concatenate([f if s is None else world_targets(f, s)
+                                                 for f, s in zip(frames, specs)]))
         den_y = den_y.permute(0, 3, 1, 2).contiguous()
     else:
         enc_y = decoder_frames(teacher, enc)
@@ -296,7 +345,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default="", help="start from this VAE folder's decoder (same width; '' = fresh)")
     p.add_argument("--targets", choices=("teacher", "world"), default="teacher",
                    help="teacher: the teacher decoder's frames; world: clean world pictures (see world_targets)")
-    p.add_argument("--preset", default="mini", help="the preset whose transformer denoises the training windows")
+    p.add_argument("--preset", default="mini", help="the preset whose transformer denoises the training windows, "
+                                                     "or t2i: images of the mini T2I model (--windows of them)")
     p.add_argument("--channels", type=int, default=12)
     p.add_argument("--blocks", default="3,3,3,1", help="decoder blocks per level (low to high resolution)")
     p.add_argument("--clips", type=int, default=1200, help="world clips encoded for training")
