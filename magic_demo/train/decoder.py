@@ -295,9 +295,9 @@ def train(args) -> int:
             f.write(json.dumps(dict(m, step=step, time=time.time())) + "\n")
         if improved and args.export:
             student.save_pretrained(args.export, safe_serialization=True)
-            Path(args.export, "metrics.json").write_text(json.dumps(dict(m, step=step, teacher=args.teacher,
-                                                                           channels=args.channels,
-                                                                           blocks=list(blocks)), indent=1))
+            Path(args.export, "metrics.json").write_text(json.dumps(dict(
+                m, step=step, teacher=args.teacher, channels=args.channels, blocks=list(blocks), targets=args.targets,
+                init=args.init, latents_from=args.preset), indent=1))
             say(f"exported (held-out {selection} {best:.3f}) to {args.export}")
 
     t0 = last = time.time()
