@@ -338,8 +338,9 @@ def train(args) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/decoder", help="data cache, checkpoints and logs (resumes from here)")
-    # The full-width VAE the miniature models were trained with; assets/mini/vae holds the distilled one, and the
-    # T2I model keeps its own copy of the original (byte-identical to the VAE it was trained on).
+    # The full-width VAE: its encoder is the one every miniature model was trained with; assets/mini/vae holds the
+    # distilled decoder. Its decoder is the T2I model's, fine-tuned on T2I samples in session 11 (the original, that
+    # the 12-channel decoder was distilled from, is in git history up to commit c1b4ff9).
     p.add_argument("--teacher", default="assets/mini/t2i/vae")
     p.add_argument("--export", default="", help="best student VAE folder ('' to skip)")
     p.add_argument("--init", default="", help="start from this VAE folder's decoder (same width; '' = fresh)")
