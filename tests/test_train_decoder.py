@@ -107,3 +107,11 @@ def test_spec_for_image_reads_shade_and_size_off_a_picture_and_takes_classes_fro
     redrawn = td.world_targets(circle[None], as_triangle)[0]
     assert world.classify_shape(world.find_shape(redrawn)["mask"]) == "triangle"
     assert td.spec_for_image(np.full((64, 64, 3), 90, np.uint8), world.caption(spec)) is None  # nothing drawn
+
+
+def test_chained_windows_start_like_single_windows_and_continue_from_the_last_frame():
+    single, specs1 = td.denoised_latents(1, 5)
+    chained, specs2 = td.denoised_latents(1, 5, chain=2)
+    assert chained.shape == (34, 16, 8, 8) and len(specs2) == 2 and specs2[0] == specs2[1] == specs1[0]
+    assert torch.equal(chained[:17], single)  # the first window is the unchained one
+    assert not torch.allclose(chained[17:], chained[:17])  # the second is a new window, not a copy

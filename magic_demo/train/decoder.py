@@ -82,9 +82,11 @@ def encoder_latents(teacher: AutoencoderTiny, clips: int, frames: int, seed: int
 
 
 @torch.inference_mode()
-def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: int = 17):
+def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: int = 17, chain: int = 1):
     """Latents of windows denoised by a preset's transformer (its own steps and guidance) from world first frames
-    and captions: ([N, C, h, w] raw, the spec of each window)."""
+    and captions: ([N, C, h, w] raw, the spec of each window). With `chain` > 1 each first frame starts a video of
+    that many windows made as the app makes them (prompt encoded once, each later window conditioned on the previous
+    window's last frame, decoded with the colour anchor), so later windows' latents are in the data too."""
     from PIL import Image
 
     from magic_demo.presets import get_preset, load_pipeline
@@ -96,12 +98,17 @@ def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: 
     out, specs = [], []
     for i in range(windows):
         spec = world.sample_spec(rng)
-        image = Image.fromarray(world.render_first_frame(spec, size=p.width))
-        embeds = pipe.encode_prompt(world.caption(spec), image).select(0)
-        cond = pipe.prepare_condition(pipe.encode_image(image), pipe.geometry.latent_frames(num_frames))
-        z = pipe.denoise(cond, embeds, p.steps, torch.Generator().manual_seed(seed + i), p.guidance_scale)
-        out.append((z[0] / geom.scaling_factor + geom.shift_factor).permute(1, 0, 2, 3))
-        specs.append(spec)
+        first = world.render_first_frame(spec, size=p.width)
+        embeds = pipe.encode_prompt(world.caption(spec), Image.fromarray(first)).select(0)
+        image = first
+        for k in range(chain):
+            cond = pipe.prepare_condition(pipe.encode_image(Image.fromarray(image)), geom.latent_frames(num_frames))
+            generator = torch.Generator().manual_seed(seed + i + 7919 * k)
+            z = pipe.denoise(cond, embeds, p.steps, generator, p.guidance_scale)
+            out.append((z[0] / geom.scaling_factor + geom.shift_factor).permute(1, 0, 2, 3))
+            specs.append(spec)
+            if k + 1 < chain:
+                image = pipe.decode(z, first)[-1].numpy()
     return torch.cat(out), specs
 
 
@@ -181,11 +188,12 @@ def build_data(teacher: AutoencoderTiny, args, seed: int, clips: int, windows: i
     if args.preset == "t2i":  # images of the mini T2I model, one frame each
         den, captions = t2i_latents(windows, seed)
     else:
-        den, specs = denoised_latents(windows, seed, args.preset)
+        den, specs = denoised_latents(windows, seed, args.preset, chain=args.chain)
     den_y = decoder_frames(teacher, den)
     if args.targets == "world":
         enc_y = enc_clips
-        frames = den_y.permute(0, 2, 3, 1).numpy().reshape(windows, -1, *den_y.shape[2:], 3)
+        count = len(captions) if args.preset == "t2i" else len(specs)
+        frames = den_y.permute(0, 2, 3, 1).numpy().reshape(count, -1, *den_y.shape[2:], 3)
         if args.preset == "t2i":
             specs = [spec_for_image(f[0], text) for f, text in zip(frames, captions)]
         den_y = torch.from_numpy(np.concatenate([f if s is None else world_targets(f, s)
@@ -353,6 +361,8 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=1200, help="world clips encoded for training")
     p.add_argument("--clip-frames", type=int, default=9)
     p.add_argument("--windows", type=int, default=600, help="denoised 17-frame windows for training")
+    p.add_argument("--chain", type=int, default=1, help="windows per video for the denoised data (>1: later "
+                                                         "windows conditioned on the previous window's last frame)")
     p.add_argument("--held-windows", type=int, default=24, help="held-out denoised windows (eval, selection)")
     p.add_argument("--batch", type=int, default=32, help="frames per step")
     p.add_argument("--lr", type=float, default=2e-3)
