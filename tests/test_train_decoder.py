@@ -7,6 +7,8 @@ from diffusers import AutoencoderTiny
 from magic_demo import world
 from magic_demo.autoencoder import latent_geometry
 from magic_demo.train import decoder as td
+from magic_demo.train import decoder_data as dd
+from magic_demo.train.vae import make_batch
 
 TEACHER = "assets/mini/t2i/vae"  # the full-width VAE (the default teacher)
 
@@ -46,7 +48,7 @@ def test_world_targets_redraw_a_blurred_recoloured_shape_where_it_is_and_keep_fr
         clip = world.render_clip(spec, 5)
         # a clean clip comes back as it is: the shape is redrawn at its own place (a triangle's centroid is not
         # the centre of its box)
-        assert np.abs(td.world_targets(clip, spec).astype(int) - clip).mean() < 1.0, shape
+        assert np.abs(dd.world_targets(clip, spec).astype(int) - clip).mean() < 1.0, shape
 
     spec = world.sample_spec(3, shape="square", colour="yellow", motion="stays still", background="navy")
     clip = world.render_clip(spec, 3)
@@ -56,7 +58,7 @@ def test_world_targets_redraw_a_blurred_recoloured_shape_where_it_is_and_keep_fr
     made[1, 1:6, 1:6] = (0, 255, 255)  # a stray cyan blob beside the shape
     made[2] = np.asarray(spec.bg_rgb)  # the shape lost
     made = made.round().astype(np.uint8)
-    target = td.world_targets(made, spec)
+    target = dd.world_targets(made, spec)
     assert np.abs(target[0].astype(int) - clip[0]).mean() < 1.0  # redrawn in the spec's shade, square
     found = world.find_shape(target[0], np.asarray(spec.bg_rgb))
     assert world.classify_shape(found["mask"]) == "square" and world.classify_colour(found["colour"]) == "yellow"
@@ -79,11 +81,11 @@ def test_world_targets_run_fine_tunes_the_shipped_decoder_towards_rendered_pictu
                     "--held-windows", "1", "--batch", "4", "--steps", "1", "--lr", "1e-9"]) == 1
     data = torch.load(out / "data.pt", weights_only=True)["train"]
     # encoder latents are paired with the rendered clips themselves
-    x, _, _ = td.make_batch(range(td.DATA_SEED, td.DATA_SEED + 2), 3)
+    x, _, _ = make_batch(range(dd.DATA_SEED, dd.DATA_SEED + 2), 3)
     rendered = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 1, 3, 4).flatten(0, 1)
     assert torch.equal(data["enc_y"], rendered)
     # denoised frames with a shape are redrawn: the targets differ from the teacher's pictures of the same latents
-    teacher_frames = td.decoder_frames(AutoencoderTiny.from_pretrained(TEACHER), data["den"])
+    teacher_frames = dd.decoder_frames(AutoencoderTiny.from_pretrained(TEACHER), data["den"])
     assert data["den_y"].shape == teacher_frames.shape and not torch.equal(data["den_y"], teacher_frames)
     # at a negligible lr the export is the initial decoder
     shipped, tuned = AutoencoderTiny.from_pretrained("assets/mini/vae"), AutoencoderTiny.from_pretrained(exp)
@@ -97,21 +99,21 @@ def test_world_targets_run_fine_tunes_the_shipped_decoder_towards_rendered_pictu
 def test_spec_for_image_reads_shade_and_size_off_a_picture_and_takes_classes_from_the_caption():
     spec = world.sample_spec(11, shape="square", colour="orange", background="gray")
     image = world.render_first_frame(spec)
-    got = td.spec_for_image(image, world.caption(spec))
+    got = dd.spec_for_image(image, world.caption(spec))
     assert (got.shape, got.colour, got.background) == ("square", "orange", "gray")
     assert abs(got.radius - spec.radius) < 0.01 and np.abs(np.subtract(got.bg_rgb, spec.bg_rgb)).max() <= 1
-    assert np.abs(td.world_targets(image[None], got)[0].astype(int) - image).mean() < 2.0  # redrawn as it was
+    assert np.abs(dd.world_targets(image[None], got)[0].astype(int) - image).mean() < 2.0  # redrawn as it was
     # the caption decides the classes: a circle captioned as a triangle is redrawn as a triangle
     circle = world.render_first_frame(world.sample_spec(11, shape="circle", colour="orange", background="gray"))
-    as_triangle = td.spec_for_image(circle, "an orange triangle stays still on a gray background")
-    redrawn = td.world_targets(circle[None], as_triangle)[0]
+    as_triangle = dd.spec_for_image(circle, "an orange triangle stays still on a gray background")
+    redrawn = dd.world_targets(circle[None], as_triangle)[0]
     assert world.classify_shape(world.find_shape(redrawn)["mask"]) == "triangle"
-    assert td.spec_for_image(np.full((64, 64, 3), 90, np.uint8), world.caption(spec)) is None  # nothing drawn
+    assert dd.spec_for_image(np.full((64, 64, 3), 90, np.uint8), world.caption(spec)) is None  # nothing drawn
 
 
 def test_chained_windows_start_like_single_windows_and_continue_from_the_last_frame():
-    single, specs1 = td.denoised_latents(1, 5)
-    chained, specs2 = td.denoised_latents(1, 5, chain=2)
+    single, specs1 = dd.denoised_latents(1, 5)
+    chained, specs2 = dd.denoised_latents(1, 5, chain=2)
     assert chained.shape == (34, 16, 8, 8) and len(specs2) == 2 and specs2[0] == specs2[1] == specs1[0]
     assert torch.equal(chained[:17], single)  # the first window is the unchained one
     assert not torch.allclose(chained[17:], chained[:17])  # the second is a new window, not a copy
