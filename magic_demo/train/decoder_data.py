@@ -11,6 +11,7 @@ from diffusers import AutoencoderTiny
 
 from magic_demo import world
 from magic_demo.autoencoder import decode_raw, encode_raw
+from magic_demo.evaluate import AREA_RANGE
 from magic_demo.train.vae import make_batch
 
 DATA_SEED = 1_000_000  # far from the evaluators' held-out seeds (10_000 + i, 20_000 + i, 30_000 + i)
@@ -119,8 +120,6 @@ def world_targets(frames: np.ndarray, spec: world.ClipSpec) -> np.ndarray:
     background) drawn wherever the decoded frame [T, H, W, 3] has its shape; frames without a plausible shape are
     kept as decoded. A decoder trained towards these learns to draw the denoiser's latents, errors included, as
     world pictures (corners, one colour, no stray blobs) instead of as the blobs a plain decoder makes of them."""
-    from magic_demo.evaluate import AREA_RANGE
-
     size = frames.shape[2]
     bg, fg = np.asarray(spec.bg_rgb, np.float32), np.asarray(spec.rgb, np.float32)
     out = frames.copy()
