@@ -12,7 +12,7 @@ from diffusers import AutoencoderTiny
 from magic_demo import world
 from magic_demo.autoencoder import decode_raw, encode_raw
 from magic_demo.evaluate import AREA_RANGE
-from magic_demo.train.vae import make_batch
+from magic_demo.train.vae import make_batch, to_uint8
 
 DATA_SEED = 1_000_000  # far from the evaluators' held-out seeds (10_000 + i, 20_000 + i, 30_000 + i)
 HELD_OUT_DATA_SEED = 2_000_000
@@ -37,7 +37,7 @@ def encoder_latents(teacher: AutoencoderTiny, clips: int, frames: int, seed: int
         x, _, _ = make_batch(range(seed + start, seed + min(clips, start + 32)), frames)
         z = encode_raw(teacher, x)
         out.append(z.permute(0, 2, 1, 3, 4).flatten(0, 1))
-        pictures.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 1, 3, 4).flatten(0, 1))
+        pictures.append(torch.from_numpy(to_uint8(x)).permute(0, 1, 4, 2, 3).flatten(0, 1))
     return torch.cat(out), torch.cat(pictures)
 
 
@@ -124,10 +124,10 @@ def world_targets(frames: np.ndarray, spec: world.ClipSpec) -> np.ndarray:
     bg, fg = np.asarray(spec.bg_rgb, np.float32), np.asarray(spec.rgb, np.float32)
     out = frames.copy()
     for t, frame in enumerate(frames.astype(np.float32)):
-        to_bg = np.linalg.norm(frame - bg, axis=-1)
-        # the shape's pixels stand out from the background (as world.find_shape's) and are nearer the spec's
+        # the shape's pixels stand out from the background (world.find_shape's mask) and are nearer the spec's
         # colour than the background's, so a stray blob of another colour does not pull the centroid away
-        mask = (to_bg > 40) & (np.linalg.norm(frame - fg, axis=-1) < to_bg)
+        mask = world.find_shape(frame, bg)["mask"] & (
+            np.linalg.norm(frame - fg, axis=-1) < np.linalg.norm(frame - bg, axis=-1))
         if not AREA_RANGE[0] <= mask.mean() <= AREA_RANGE[1]:
             continue
         ys, xs = np.nonzero(mask)
