@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from magic_demo.windows import FrameAssembler, derive_window_seed, fit_frames, match_colours, plan_windows
+from magic_demo.windows import (FrameAssembler, derive_window_seed, fit_frames, match_colours, plan_windows,
+                                transfer_colour_moments)
 
 
 @pytest.mark.parametrize("total,window,overlap", [(1, 9, 0), (9, 9, 0), (10, 9, 0), (40, 9, 2), (480, 33, 0),
@@ -83,6 +84,20 @@ def test_match_colours_restores_a_drifted_hue_and_keeps_the_layout():
     assert np.array_equal(out[~inside], np.tile([0, 0, 40], (1024 - 64, 1)))  # the background stays flat
     assert np.array_equal(match_colours(reference, reference), reference)
     assert out.dtype == np.uint8 and out.shape == drifted.shape
+
+
+def test_match_colours_undoes_a_hue_shift_that_reverses_a_channels_order():
+    # orange on dark green drifted to red: in the green channel the shape went from above the background (165 > 100)
+    # to below it (0 < 100); matching channel by channel would hand the shape the background's green
+    reference = _square((255, 165, 0), x=4, bg=(0, 100, 0))
+    drifted = _square((255, 0, 0), x=16, bg=(0, 100, 0))
+    inside = np.zeros((32, 32), bool)
+    inside[10:18, 16:24] = True
+    out = match_colours(drifted, reference)
+    assert np.array_equal(out[inside], np.tile([255, 165, 0], (64, 1)))
+    assert np.array_equal(out[~inside], np.tile([0, 100, 0], (1024 - 64, 1)))
+    moments = transfer_colour_moments(drifted, reference)  # the linear stage alone already puts it near orange
+    assert np.abs(moments[inside].astype(int) - [255, 165, 0]).max() < 40
 
 
 def test_match_colours_maps_only_to_values_the_reference_has():
