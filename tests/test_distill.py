@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from magic_demo import world
 from magic_demo.distill.cfg import cfg_distill_loss, student_from_teacher
 from magic_demo.distill.dmd2 import DMD2, DMD2Config
 from magic_demo.pipeline import MagicI2VPipeline
@@ -126,6 +128,36 @@ def test_cfg_distill_condition_noise_reaches_the_student_only():
     assert all(torch.equal(x, batch.cond) for x in plain.conds)  # off by default
 
 
+def test_world_tune_samples_as_the_pipeline_does_and_trains_only_the_student():
+    from magic_demo.distill.world_tune import sample_with_grad, world_tune_loss
+    from magic_demo.pipeline import PromptEmbeds
+    from magic_demo.train.batches import step_specs
+
+    torch.manual_seed(0)
+    comps = build_tiny_components(seed=0)
+    student = student_from_teacher(comps.pop("transformer"))
+    pipe = MagicI2VPipeline(transformer=student, **comps)
+    video, captions, firsts = sample_clips(step=0, batch=2, frames=5, size=32, fps=8, seed=0, dropout=0.0)
+    specs = step_specs(0, 2, seed=0)
+    assert [world.caption(s) for s in specs] == captions  # the specs sample_clips rendered
+    batch = encode_batch(pipe, video, captions, firsts)
+    sigmas, _ = build_sigmas(make_scheduler(), 4)
+    one = dataclasses.replace(batch, x0=batch.x0[:1], cond=batch.cond[:1], embeds=batch.embeds[:1],
+                              mask=batch.mask[:1], pooled=batch.pooled[:1])
+    sampled = sample_with_grad(student, one, sigmas, 1.0, torch.Generator().manual_seed(5))
+    piped = pipe.denoise(one.cond, PromptEmbeds(one.embeds, one.mask, one.pooled), 4, torch.Generator().manual_seed(5),
+                         1.0)
+    assert sampled.requires_grad and torch.allclose(sampled.detach(), piped, atol=1e-5)
+
+    pipe.vae.requires_grad_(False)
+    loss, logs = world_tune_loss(student, pipe.vae, batch, specs, sigmas, 1.0, torch.Generator().manual_seed(0), 4.0)
+    loss.backward()
+    assert set(logs) == {"loss_world", "redrawn"} and 0.0 <= logs["redrawn"] <= 1.0 and np.isfinite(logs["loss_world"])
+    assert logs["loss_world"] == pytest.approx(loss.item())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in pipe.vae.parameters())
+
+
 def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -149,6 +181,14 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
         distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--condition-noise", "0.3", *common])
     student = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student")
     assert student.config.guidance_embeds and student.config.in_channels == 9
+    # world tuning goes on from that student, with the CFG loss and the world-target loss on its own samples
+    distill.main(["world", "--out", str(tmp_path / "world"), "--init", str(tmp_path / "student"), "--export",
+                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", *common])
+    tuned = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "tuned").state_dict()
+    assert any(not torch.equal(p, tuned[k]) for k, p in student.state_dict().items())
+    assert '"iter": 1' in (tmp_path / "world" / "curve.json").read_text()
+    with pytest.raises(SystemExit):  # --init is the world recipe's
+        distill.main(["cfg", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "student"), *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
                   "--export", str(tmp_path / "g4"), "--max-iters", "2", *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",

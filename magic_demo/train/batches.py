@@ -29,6 +29,12 @@ class TrainBatch:
         return TrainBatch(self.x0, self.cond, embeds, mask, pooled)
 
 
+def step_specs(step: int, batch: int, seed: int) -> list[world.ClipSpec]:
+    """The specs of a step's clips: the same `sample_clips` renders (it draws them first from the same rng)."""
+    rng = np.random.default_rng([seed, step])
+    return [world.sample_spec(rng) for _ in range(batch)]
+
+
 def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: int, dropout: float):
     """(video [B, 3, T, H, W] in [-1, 1], captions with `dropout` of them emptied, first frames) for a step."""
     rng = np.random.default_rng([seed, step])

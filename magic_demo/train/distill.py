@@ -2,10 +2,13 @@
 
     python -m magic_demo.train.distill cfg  --preset-dir assets/mini --out runs/cfg  --minutes 30
     python -m magic_demo.train.distill dmd2 --preset-dir assets/mini --out runs/dmd2 --minutes 60 --steps 4
+    python -m magic_demo.train.distill world --preset-dir assets/mini --out runs/world --minutes 30 --steps 4
 
 `cfg` turns the teacher (assets/mini/teacher) into a student with a guidance input; `dmd2` distils a base
 (the CFG student when --base points at it, else the teacher) into a `--steps`-step generator on the Magic
-1-For-1 sigmas. Both resume from --out and export the trained transformer to --export (a diffusers folder).
+1-For-1 sigmas. `world` goes on training a CFG-distilled student (--init, default <preset-dir>/transformer) with
+the CFG-distillation loss plus `--world-weight` times the world-target loss on its own `--steps`-step samples
+(distill/world_tune.py). All resume from --out and export the trained transformer to --export (a diffusers folder).
 `--t2v` trains and evaluates without the first frame (`encode_batch(text_only=...)`: the paper's T2V
 comparison, Fig. 5).
 """
@@ -26,7 +29,8 @@ from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
-from magic_demo.train.batches import encode_batch, sample_clips, shape_loss_weights
+from magic_demo.distill.world_tune import world_tune_loss
+from magic_demo.train.batches import encode_batch, sample_clips, shape_loss_weights, step_specs
 from magic_demo.train.i2v import learning_rate
 
 TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
@@ -34,15 +38,20 @@ TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "im
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", choices=["cfg", "dmd2"])
+    p.add_argument("recipe", choices=["cfg", "dmd2", "world"])
     p.add_argument("--preset-dir", default="assets/mini", help="folder with the teacher and its frozen components")
     p.add_argument("--base", default=None, help="transformer folder to distil (default: <preset-dir>/teacher)")
+    p.add_argument("--init", default=None,
+                   help="world: the CFG-distilled student to tune (default: <preset-dir>/transformer)")
+    p.add_argument("--world-weight", type=float, default=1.0,
+                   help="world: weight of the world-target loss next to the CFG-distillation loss")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
     p.add_argument("--max-iters", type=int, default=10**9)
     p.add_argument("--steps", type=int, default=4, help="generator steps (dmd2)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance input of a CFG-distilled base (dmd2)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance input of a CFG-distilled base (dmd2) / of the tuned student's samples (world: 1)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64)
@@ -62,12 +71,17 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    if args.condition_noise != 0 and (args.recipe != "cfg" or args.condition_noise < 0):
-        p.error(f"--condition-noise is for cfg and must be >= 0, got {args.condition_noise} for {args.recipe}")
-    if args.shape_weight != 1 and (args.recipe != "cfg" or args.shape_weight < 1):
-        p.error(f"--shape-weight is for cfg and must be >= 1, got {args.shape_weight} for {args.recipe}")
-    if args.anneal and (args.recipe != "cfg" or args.max_iters == p.get_default("max_iters")):
-        p.error("--anneal is for cfg and needs --max-iters (the iteration the decay ends at)")
+    student_recipe = args.recipe in ("cfg", "world")  # a student trained with the CFG-distillation loss
+    if args.condition_noise != 0 and (not student_recipe or args.condition_noise < 0):
+        p.error(f"--condition-noise is for cfg and world and must be >= 0, got {args.condition_noise} for {args.recipe}")
+    if args.shape_weight != 1 and (not student_recipe or args.shape_weight < 1):
+        p.error(f"--shape-weight is for cfg and world and must be >= 1, got {args.shape_weight} for {args.recipe}")
+    if args.anneal and (not student_recipe or args.max_iters == p.get_default("max_iters")):
+        p.error("--anneal is for cfg and world and needs --max-iters (the iteration the decay ends at)")
+    if (args.init is not None or args.world_weight != 1) and args.recipe != "world":
+        p.error("--init and --world-weight are for the world recipe")
+    if args.recipe == "world" and args.guidance is None:
+        args.guidance = 1.0  # the app's guidance input
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +99,14 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     ckpt = out / "ckpt.pt"
     curve = []
-    if args.recipe == "cfg":
-        student = student_from_teacher(base).train()
+    if student_recipe:
+        if args.recipe == "world":
+            student = HunyuanVideoTransformer3DModel.from_pretrained(args.init or Path(args.preset_dir) / "transformer")
+            comps["vae"].requires_grad_(False)  # the world loss backpropagates through the frozen decoder
+            sigmas, _ = build_sigmas(make_scheduler(), args.steps)
+        else:
+            student = student_from_teacher(base)
+        student.train()
         opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
         trained, cfg = student, CFGDistillConfig()
     else:
@@ -96,7 +116,7 @@ def main(argv=None) -> None:
     it = 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if args.recipe == "cfg":
+        if student_recipe:
             trained.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
         else:
@@ -120,10 +140,15 @@ def main(argv=None) -> None:
                                                0.0)
         text_only = [args.t2v] * len(captions)
         batch = encode_batch(pipe, video, captions, firsts, text_only)
-        if args.recipe == "cfg":
+        if student_recipe:
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
             weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
+            if args.recipe == "world":
+                specs = step_specs(10_000 + it, args.batch, args.seed)
+                world_loss, world_logs = world_tune_loss(student, comps["vae"], batch, specs, sigmas, args.guidance,
+                                                         gen, args.shape_weight)
+                loss, logs = loss + args.world_weight * world_loss, {**logs, **world_logs}
             for g in opt.param_groups:
                 g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
                                         anneal=args.anneal)
@@ -139,7 +164,7 @@ def main(argv=None) -> None:
         if it % args.eval_every == 0 or time.time() >= t_end or it >= args.max_iters:
             curve.append({"iter": it, **evaluate(trained)})
             say(f"iter {it} eval {curve[-1]}")
-            state = {"model": trained.state_dict(), "opt": opt.state_dict()} if args.recipe == "cfg" else {
+            state = {"model": trained.state_dict(), "opt": opt.state_dict()} if student_recipe else {
                 "dmd2": dmd.state_dict()}
             torch.save({**state, "iter": it, "curve": json.dumps(curve)}, out / "ckpt.tmp")
             (out / "ckpt.tmp").replace(ckpt)
