@@ -154,3 +154,32 @@ def test_latent_variant_trains_on_vae_latents_and_decodes_rgb(tmp_path):
         pipe(PROMPT, height=60)  # not a whole number of latent pixels
     frame = TextToImage(pipe, num_inference_steps=1, guidance_scale=2.0).generate(PROMPT, seed=0, bucket=(96, 64))
     assert frame.image.size == (96, 64)
+
+
+def test_world_tuning_samples_as_the_pipeline_does_and_trains_the_denoiser(tmp_path):
+    from magic_demo.distill.world_tune import t2i_samples_with_grad, t2i_world_tune_loss
+    from tests.test_train_i2v import tiny_vae_folder
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    cfg = {"arch": "pixart", "heads": 2, "head_dim": 8, "layers": 1, "patch": 1, "text_hidden": 16,
+           "text_layers": 1, "vae": str(vae)}
+    trainer.train(out=tmp_path / "run", max_steps=1, export_dir=tmp_path / "export", **{**TINY, "config": cfg})
+    pipe = load_mini_t2i(tmp_path / "export")
+    captions = [PROMPT, "a blue square stays still on a gray background"]
+    frames = t2i_samples_with_grad(pipe, captions, 3, 2.0, torch.Generator().manual_seed(4))
+    images = pipe(captions, num_inference_steps=3, guidance_scale=2.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(4)).images
+    assert frames.requires_grad and frames.shape == (2, 3, 1, 64, 64)
+    assert torch.allclose((frames.detach()[:, :, 0] + 1) / 2, images, atol=1e-5)
+    # on the shipped model (which draws shapes) the loss redraws its samples and reaches the denoiser only
+    shipped = load_mini_t2i(DEFAULT_PATH)
+    shipped.vae.requires_grad_(False)
+    loss, logs = t2i_world_tune_loss(shipped, captions, 8, 4.0, torch.Generator().manual_seed(4))
+    assert set(logs) == {"loss_world", "redrawn"} and logs["redrawn"] == 1.0 and logs["loss_world"] > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shipped.denoiser.parameters())
+    assert all(p.grad is None for p in shipped.vae.parameters())
+    # the trainer adds it: one step from the exported model, its own decoder, the world loss on
+    r = trainer.train(out=tmp_path / "tuned", max_steps=2, export_dir=tmp_path / "tuned_export", init=tmp_path / "export",
+                      world_weight=1.0, world_batch=2, world_steps=2, **{**TINY, "config": cfg})
+    assert r["state"]["step"] == 2 and np.isfinite(r["last_loss"])

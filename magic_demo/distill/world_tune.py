@@ -8,6 +8,10 @@ turns the latents into frames, and `world_targets` says what each frame should h
 the shape: the spec's shape class, shade, size and background drawn at that place. Motion and placement stay the
 model's own; only the appearance is corrected. The loss is a pixel MSE with the shape's pixels (in the target or
 in the decoded frame) weighted up, as the background fills ~90% of every frame.
+
+`t2i_world_tune_loss` does the same for the miniature T2I model's samples (its CFG sampler with gradients), with
+targets from the caption: the caption's shape and colour class at the sample's own shade, size and place
+(`spec_for_image`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from magic_demo import world
 from magic_demo.autoencoder import decode_latents, video_to_uint8
 from magic_demo.sampling import sample_euler
 from magic_demo.train.batches import TrainBatch, velocity, weighted_mse
-from magic_demo.train.decoder_data import world_targets
+from magic_demo.train.decoder_data import spec_for_image, world_targets
 
 
 def sample_with_grad(student, batch: TrainBatch, sigmas: torch.Tensor, guidance: float,
@@ -54,4 +58,46 @@ def world_tune_loss(student, vae, batch: TrainBatch, specs: list[world.ClipSpec]
     redrawn = float(np.mean(np.any(targets != pictures, axis=(2, 3, 4))))
     target = torch.from_numpy(targets).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
     loss = weighted_mse(frames, target, pixel_weights(pictures, targets, specs, shape_weight))
+    return loss, {"loss_world": loss.item(), "redrawn": redrawn}
+
+
+
+def t2i_samples_with_grad(pipe, captions: list[str], steps: int, guidance: float,
+                          generator: torch.Generator) -> torch.Tensor:
+    """The mini T2I pipeline's pictures [B, 3, 1, H, W] in [-1, 1] for `captions`, as it samples them (Euler on its
+    own schedule, classifier-free guidance `guidance`), differentiable through every step and the decoder."""
+    from magic_demo.sampling import build_sigmas
+
+    n, size = len(captions), pipe.default_size
+    context, mask = pipe.encode_prompt(captions)
+    empty, empty_mask = pipe.encode_prompt([""] * n)
+    context, mask = torch.cat([empty, context]), torch.cat([empty_mask, mask])
+    sigmas, _ = build_sigmas(pipe.scheduler, steps)
+
+    def guided(x, sigma):
+        v_empty, v_text = pipe.velocity(torch.cat([x, x]), sigma * 1000.0, context, mask).chunk(2)
+        return v_empty + guidance * (v_text - v_empty)
+
+    latents = sample_euler(guided, pipe.prepare_latents(n, size, size, generator, None, "cpu"), sigmas)
+    if pipe.vae is None:  # a pixel-space model's samples are the pictures
+        return latents[:, :, None].clamp(-1, 1)
+    return decode_latents(pipe.vae, latents[:, :, None])
+
+
+def t2i_world_tune_loss(pipe, captions: list[str], steps: int, guidance: float, generator: torch.Generator,
+                        shape_weight: float = 4.0) -> tuple[torch.Tensor, dict]:
+    """Pixel MSE between the mini T2I pipeline's samples for `captions` (`t2i_samples_with_grad`) and
+    `world_targets` of them. Samples without a shape give no loss. Logs the loss and the fraction of samples
+    redrawn."""
+    frames = t2i_samples_with_grad(pipe, captions, steps, guidance, generator)
+    pictures = np.stack([video_to_uint8(f.detach()).numpy() for f in frames])  # [B, 1, H, W, 3]
+    specs = [spec_for_image(p[0], text) for p, text in zip(pictures, captions)]
+    rows = [i for i, s in enumerate(specs) if s is not None]
+    if not rows:
+        return frames.sum() * 0.0, {"loss_world": 0.0, "redrawn": 0.0}
+    specs = [specs[i] for i in rows]
+    targets = np.stack([world_targets(pictures[i], s) for i, s in zip(rows, specs)])
+    target = torch.from_numpy(targets).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+    loss = weighted_mse(frames[rows], target, pixel_weights(pictures[rows], targets, specs, shape_weight))
+    redrawn = float(np.mean(np.any(targets != pictures[rows], axis=(1, 2, 3, 4))))
     return loss, {"loss_world": loss.item(), "redrawn": redrawn}

@@ -13,6 +13,10 @@
   evaluated and exported.
 * Resumable: ``<out>/checkpoint.pt`` (weights, EMA, optimiser, step, training seconds) every ``--ckpt-minutes``;
   ``--init <export folder>`` starts from shipped weights when there is no checkpoint.
+* ``--world-weight W`` adds W times the world-target loss on the model's own samples (``--world-steps`` Euler
+  steps at CFG ``--world-guidance``, differentiable; ``distill/world_tune.py``) for ``--world-batch`` captions of
+  each step: pixels of the decoded samples pulled toward the caption's shape and colour drawn where the sample put
+  its shape.
 * Every ``--eval-minutes`` the EMA model is scored on 50 held-out captions; the best (colour+shape, then
   background) is exported as safetensors + configs to ``--export`` with ``train_state.json`` and
   ``generation.json`` (the steps / guidance it was measured with).
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 
 from magic_demo import world
+from magic_demo.distill.world_tune import t2i_world_tune_loss
 from magic_demo.mini_t2i import (GENERATION_FILE, HELDOUT_SET, MiniT2IPipeline, build_mini_t2i, denoise,
                                  evaluate_t2i, load_mini_t2i)
 
@@ -112,14 +117,17 @@ def _score(r):
 def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24, lr=6e-4, warmup=100,
           shift=3.0, shape_weight=4.0, drop=0.1, ema_decay=0.999, ckpt_minutes=3.0, eval_minutes=5.0,
           eval_n=50, eval_steps=(8,), eval_guidance=(1.0, 2.0), export_dir=None, init=None, seed=0, threads=1,
-          log=print):
+          world_weight=0.0, world_batch=16, world_steps=8, world_guidance=4.0, log=print):
     """Train for ``minutes`` of wall time (or ``max_steps`` in total); returns the final state dict."""
     torch.set_num_threads(int(threads))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     model_cfg = CONFIGS[config] if isinstance(config, str) else dict(config)
-    vae = AutoencoderTiny.from_pretrained(model_cfg["vae"]) if model_cfg.get("vae") else None
+    vae_path = model_cfg.get("vae")
+    if vae_path and init is not None and (Path(init) / "vae" / "config.json").is_file():
+        vae_path = Path(init) / "vae"  # the shipped model's own decoder (fine-tuned on its samples), same encoder
+    vae = AutoencoderTiny.from_pretrained(vae_path) if vae_path else None
     pipe = build_mini_t2i(model_cfg, shift=shift, seed=seed, vae=vae)
     state = {"step": 0, "train_seconds": 0.0, "config": model_cfg, "best": None, "evals": []}
     params = list(pipe.denoiser.parameters()) + list(pipe.text_encoder.parameters())
@@ -199,6 +207,10 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
         x0, m, caps = make_batch(step, batch, seed=seed, size=pipe.default_size, drop=drop)
         loss = flow_loss(pipe, x0, m, caps, gen, shift, shape_weight)
+        if world_weight:
+            texts = [c for c in caps if c][:world_batch]
+            world_loss, _ = t2i_world_tune_loss(pipe, texts, world_steps, world_guidance, gen, shape_weight)
+            loss = loss + world_weight * world_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -243,6 +255,13 @@ def main(argv=None):
     ap.add_argument("--export", default="assets/mini/t2i", help="where the best weights are exported ('' = none)")
     ap.add_argument("--init", default=None, help="start from an exported folder when there is no checkpoint")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ema-decay", type=float, default=0.999, help="of the evaluated and exported weight average")
+    ap.add_argument("--eval-steps", type=int, nargs="+", default=[8], help="sampling steps the evals try")
+    ap.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 2.0], help="CFG scales the evals try")
+    ap.add_argument("--world-weight", type=float, default=0.0, help="weight of the world-target loss (0: off)")
+    ap.add_argument("--world-batch", type=int, default=16, help="captions per step for the world-target loss")
+    ap.add_argument("--world-steps", type=int, default=8, help="sampling steps of the world-target loss")
+    ap.add_argument("--world-guidance", type=float, default=4.0, help="CFG scale of the world-target loss")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -251,7 +270,9 @@ def main(argv=None):
 
     train(out=a.out, minutes=a.minutes, max_steps=a.max_steps, config=a.config, batch=a.batch, lr=a.lr,
           shift=a.shift, ckpt_minutes=a.ckpt_minutes, eval_minutes=a.eval_minutes, eval_n=a.eval_n,
-          export_dir=a.export or None, init=a.init, seed=a.seed, threads=a.threads, log=log)
+          export_dir=a.export or None, init=a.init, seed=a.seed, threads=a.threads, ema_decay=a.ema_decay,
+          eval_steps=tuple(a.eval_steps), eval_guidance=tuple(a.eval_guidance), world_weight=a.world_weight,
+          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance, log=log)
 
 
 if __name__ == "__main__":
