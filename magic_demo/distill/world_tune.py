@@ -21,7 +21,7 @@ import torch
 
 from magic_demo import world
 from magic_demo.autoencoder import decode_latents, video_to_uint8
-from magic_demo.sampling import sample_euler
+from magic_demo.sampling import build_sigmas, sample_euler
 from magic_demo.train.batches import TrainBatch, velocity, weighted_mse
 from magic_demo.train.decoder_data import spec_for_image, world_targets
 
@@ -51,8 +51,14 @@ def world_tune_loss(student, vae, batch: TrainBatch, specs: list[world.ClipSpec]
     """Pixel MSE between the student's decoded samples and `world_targets` of them (targets computed without
     gradient). `specs` are the clips' specs (shape, shade, size, background). Logs the loss and the fraction of
     frames that had a shape to redraw."""
-    latents = sample_with_grad(student, batch, sigmas, guidance, generator)
-    frames = decode_latents(vae, latents)  # [B, 3, T, H, W] in [-1, 1]
+    frames = decode_latents(vae, sample_with_grad(student, batch, sigmas, guidance, generator))
+    return pull_toward_world(frames, specs, shape_weight)
+
+
+def pull_toward_world(frames: torch.Tensor, specs: list[world.ClipSpec],
+                      shape_weight: float) -> tuple[torch.Tensor, dict]:
+    """The world-target loss of decoded samples `frames` [B, 3, T, H, W] in [-1, 1] (with gradients) whose specs
+    are `specs`, and its logs (the loss, the fraction of frames redrawn)."""
     pictures = np.stack([video_to_uint8(f.detach()).numpy() for f in frames])  # [B, T, H, W, 3]
     targets = np.stack([world_targets(p, s) for p, s in zip(pictures, specs)])
     redrawn = float(np.mean(np.any(targets != pictures, axis=(2, 3, 4))))
@@ -61,13 +67,10 @@ def world_tune_loss(student, vae, batch: TrainBatch, specs: list[world.ClipSpec]
     return loss, {"loss_world": loss.item(), "redrawn": redrawn}
 
 
-
 def t2i_samples_with_grad(pipe, captions: list[str], steps: int, guidance: float,
                           generator: torch.Generator) -> torch.Tensor:
     """The mini T2I pipeline's pictures [B, 3, 1, H, W] in [-1, 1] for `captions`, as it samples them (Euler on its
     own schedule, classifier-free guidance `guidance`), differentiable through every step and the decoder."""
-    from magic_demo.sampling import build_sigmas
-
     n, size = len(captions), pipe.default_size
     context, mask = pipe.encode_prompt(captions)
     empty, empty_mask = pipe.encode_prompt([""] * n)
@@ -95,9 +98,4 @@ def t2i_world_tune_loss(pipe, captions: list[str], steps: int, guidance: float, 
     rows = [i for i, s in enumerate(specs) if s is not None]
     if not rows:
         return frames.sum() * 0.0, {"loss_world": 0.0, "redrawn": 0.0}
-    specs = [specs[i] for i in rows]
-    targets = np.stack([world_targets(pictures[i], s) for i, s in zip(rows, specs)])
-    target = torch.from_numpy(targets).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
-    loss = weighted_mse(frames[rows], target, pixel_weights(pictures[rows], targets, specs, shape_weight))
-    redrawn = float(np.mean(np.any(targets != pictures[rows], axis=(1, 2, 3, 4))))
-    return loss, {"loss_world": loss.item(), "redrawn": redrawn}
+    return pull_toward_world(frames[rows], [specs[i] for i in rows], shape_weight)
