@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -152,8 +153,9 @@ def test_world_tune_samples_as_the_pipeline_does_and_trains_only_the_student():
     pipe.vae.requires_grad_(False)
     loss, logs = world_tune_loss(student, pipe.vae, batch, specs, sigmas, 1.0, torch.Generator().manual_seed(0), 4.0)
     loss.backward()
-    assert set(logs) == {"loss_world", "redrawn"} and 0.0 <= logs["redrawn"] <= 1.0 and np.isfinite(logs["loss_world"])
-    assert logs["loss_world"] == pytest.approx(loss.item())
+    assert set(logs) == {"loss_world", "redrawn", "wrong"} and 0.0 <= logs["redrawn"] <= 1.0
+    assert np.isfinite(logs["loss_world"]) and logs["loss_world"] == pytest.approx(loss.item())
+    assert logs["wrong"].shape == (2,) and ((logs["wrong"] >= 0) & (logs["wrong"] <= 1)).all()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in pipe.vae.parameters())
 
@@ -183,12 +185,17 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     assert student.config.guidance_embeds and student.config.in_channels == 9
     # world tuning goes on from that student, with the CFG loss and the world-target loss on its own samples
     distill.main(["world", "--out", str(tmp_path / "world"), "--init", str(tmp_path / "student"), "--export",
-                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", *common])
+                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", "--world-focus", *common])
     tuned = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "tuned").state_dict()
     assert any(not torch.equal(p, tuned[k]) for k, p in student.state_dict().items())
     assert '"iter": 1' in (tmp_path / "world" / "curve.json").read_text()
+    focus = json.loads(torch.load(tmp_path / "world" / "ckpt.pt", weights_only=True)["focus"])
+    assert sum(focus["seen"].values()) == pytest.approx(1.0)  # the one clip of the one iteration, by its group
+    assert all(g.split("|")[0] in world.SHAPES and g.split("|")[1] in world.BACKGROUNDS for g in focus["seen"])
     with pytest.raises(SystemExit):  # --init is the world recipe's
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "student"), *common])
+    with pytest.raises(SystemExit):  # and so is the failure focus
+        distill.main(["cfg", "--out", str(tmp_path / "x"), "--world-focus", *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
                   "--export", str(tmp_path / "g4"), "--max-iters", "2", *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",

@@ -175,7 +175,8 @@ def test_world_tuning_samples_as_the_pipeline_does_and_trains_the_denoiser(tmp_p
     shipped = load_mini_t2i(DEFAULT_PATH)
     shipped.vae.requires_grad_(False)
     loss, logs = t2i_world_tune_loss(shipped, captions, 8, 4.0, torch.Generator().manual_seed(4))
-    assert set(logs) == {"loss_world", "redrawn"} and logs["redrawn"] == 1.0 and logs["loss_world"] > 0
+    assert set(logs) == {"loss_world", "redrawn", "wrong"} and logs["redrawn"] == 1.0 and logs["loss_world"] > 0
+    assert logs["wrong"].shape == (2,) and ((logs["wrong"] == 0) | (logs["wrong"] == 1)).all()  # one frame each
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shipped.denoiser.parameters())
     assert all(p.grad is None for p in shipped.vae.parameters())
@@ -183,3 +184,11 @@ def test_world_tuning_samples_as_the_pipeline_does_and_trains_the_denoiser(tmp_p
     r = trainer.train(out=tmp_path / "tuned", max_steps=2, export_dir=tmp_path / "tuned_export", init=tmp_path / "export",
                       world_weight=1.0, world_batch=2, world_steps=2, **{**TINY, "config": cfg})
     assert r["state"]["step"] == 2 and np.isfinite(r["last_loss"])
+    # with the failure focus its captions are drawn apart from the flow batch's, counted by group, and resumed
+    r = trainer.train(out=tmp_path / "focus", max_steps=3, init=tmp_path / "export", world_weight=1.0, world_batch=2,
+                      world_steps=2, world_focus=True, **{**TINY, "config": cfg})  # steps 2 and 3 (the export's is 1)
+    seen = r["state"]["focus"]["seen"]
+    assert sum(seen.values()) == pytest.approx(2 * 0.99 + 2)  # two steps of two captions, the first decayed once
+    r = trainer.train(out=tmp_path / "focus", max_steps=4, init=tmp_path / "export", world_weight=1.0, world_batch=2,
+                      world_steps=2, world_focus=True, **{**TINY, "config": cfg})
+    assert sum(r["state"]["focus"]["seen"].values()) == pytest.approx((2 * 0.99 + 2) * 0.99 + 2)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from magic_demo import world
+from magic_demo.evaluate import shape_present
 from magic_demo.autoencoder import decode_latents, video_to_uint8
 from magic_demo.sampling import build_sigmas, sample_euler
 from magic_demo.train.batches import TrainBatch, velocity, weighted_mse
@@ -55,16 +56,31 @@ def world_tune_loss(student, vae, batch: TrainBatch, specs: list[world.ClipSpec]
     return pull_toward_world(frames, specs, shape_weight)
 
 
+def frames_wrong(pictures: np.ndarray, wanted: list[tuple[str, str]]) -> np.ndarray:
+    """Per clip of `pictures` [B, T, H, W, 3] (uint8): the fraction of its frames without a shape of the wanted
+    (shape class, colour class), judged as the evaluator judges them (background from frame 0)."""
+    out = []
+    for clip, (shape, colour) in zip(pictures, wanted):
+        bg = world.estimate_background(clip[0])
+        found = [world.find_shape(f, bg) for f in clip]
+        out.append(np.mean([not (shape_present(d, f.shape[0] * f.shape[1])
+                                 and world.classify_shape(d["mask"]) == shape
+                                 and world.classify_colour(d["colour"]) == colour) for d, f in zip(found, clip)]))
+    return np.asarray(out, np.float64)
+
+
 def pull_toward_world(frames: torch.Tensor, specs: list[world.ClipSpec],
                       shape_weight: float) -> tuple[torch.Tensor, dict]:
     """The world-target loss of decoded samples `frames` [B, 3, T, H, W] in [-1, 1] (with gradients) whose specs
-    are `specs`, and its logs (the loss, the fraction of frames redrawn)."""
+    are `specs`, and its logs (the loss, the fraction of frames redrawn, and `wrong`: `frames_wrong` per sample,
+    for `train.focus.FailureFocus`)."""
     pictures = np.stack([video_to_uint8(f.detach()).numpy() for f in frames])  # [B, T, H, W, 3]
     targets = np.stack([world_targets(p, s) for p, s in zip(pictures, specs)])
     redrawn = float(np.mean(np.any(targets != pictures, axis=(2, 3, 4))))
     target = torch.from_numpy(targets).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
     loss = weighted_mse(frames, target, pixel_weights(pictures, targets, specs, shape_weight))
-    return loss, {"loss_world": loss.item(), "redrawn": redrawn}
+    wrong = frames_wrong(pictures, [(s.shape, s.colour) for s in specs])
+    return loss, {"loss_world": loss.item(), "redrawn": redrawn, "wrong": wrong}
 
 
 def t2i_samples_with_grad(pipe, captions: list[str], steps: int, guidance: float,
@@ -90,12 +106,15 @@ def t2i_samples_with_grad(pipe, captions: list[str], steps: int, guidance: float
 def t2i_world_tune_loss(pipe, captions: list[str], steps: int, guidance: float, generator: torch.Generator,
                         shape_weight: float = 4.0) -> tuple[torch.Tensor, dict]:
     """Pixel MSE between the mini T2I pipeline's samples for `captions` (`t2i_samples_with_grad`) and
-    `world_targets` of them. Samples without a shape give no loss. Logs the loss and the fraction of samples
-    redrawn."""
+    `world_targets` of them. Samples without a shape give no loss. Logs the loss, the fraction of samples
+    redrawn and `wrong` per caption (1 for a sample without a shape)."""
     frames = t2i_samples_with_grad(pipe, captions, steps, guidance, generator)
     pictures = np.stack([video_to_uint8(f.detach()).numpy() for f in frames])  # [B, 1, H, W, 3]
     specs = [spec_for_image(p[0], text) for p, text in zip(pictures, captions)]
     rows = [i for i, s in enumerate(specs) if s is not None]
+    wrong = np.ones(len(captions))
     if not rows:
-        return frames.sum() * 0.0, {"loss_world": 0.0, "redrawn": 0.0}
-    return pull_toward_world(frames[rows], [specs[i] for i in rows], shape_weight)
+        return frames.sum() * 0.0, {"loss_world": 0.0, "redrawn": 0.0, "wrong": wrong}
+    loss, logs = pull_toward_world(frames[rows], [specs[i] for i in rows], shape_weight)
+    wrong[rows] = logs["wrong"]
+    return loss, {**logs, "wrong": wrong}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,16 +29,19 @@ class TrainBatch:
         return TrainBatch(self.x0, self.cond, embeds, mask, pooled)
 
 
-def step_specs(step: int, batch: int, seed: int) -> list[world.ClipSpec]:
+def step_specs(step: int, batch: int, seed: int,
+               draw_spec: Callable[[np.random.Generator], world.ClipSpec] = world.sample_spec) -> list[world.ClipSpec]:
     """The specs of a step's clips: the same `sample_clips` renders (it draws them first from the same rng)."""
     rng = np.random.default_rng([seed, step])
-    return [world.sample_spec(rng) for _ in range(batch)]
+    return [draw_spec(rng) for _ in range(batch)]
 
 
-def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: int, dropout: float):
-    """(video [B, 3, T, H, W] in [-1, 1], captions with `dropout` of them emptied, first frames) for a step."""
+def sample_clips(step: int, batch: int, frames: int, size: int, fps: int, seed: int, dropout: float,
+                 draw_spec: Callable[[np.random.Generator], world.ClipSpec] = world.sample_spec):
+    """(video [B, 3, T, H, W] in [-1, 1], captions with `dropout` of them emptied, first frames) for a step;
+    `draw_spec` draws each clip's spec from the step's rng (`train.focus.FailureFocus.draw` to focus)."""
     rng = np.random.default_rng([seed, step])
-    specs = [world.sample_spec(rng) for _ in range(batch)]
+    specs = [draw_spec(rng) for _ in range(batch)]
     clips = np.stack([world.render_clip(s, frames, size, fps) for s in specs])  # [B, T, H, W, 3]
     captions = [world.caption(s) if rng.random() >= dropout else "" for s in specs]
     firsts = [Image.fromarray(c[0]) for c in clips]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
+from magic_demo import world
 from magic_demo.distill.cfg import CFGDistillConfig, cfg_distill_loss, student_from_teacher
 from magic_demo.distill.dmd2 import DMD2, DMD2Config
 from magic_demo.evaluate import evaluate_i2v
@@ -31,6 +32,7 @@ from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
 from magic_demo.distill.world_tune import world_tune_loss
 from magic_demo.train.batches import encode_batch, sample_clips, shape_loss_weights, step_specs
+from magic_demo.train.focus import FailureFocus
 from magic_demo.train.i2v import learning_rate
 
 TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
@@ -45,6 +47,8 @@ def main(argv=None) -> None:
                    help="world: the CFG-distilled student to tune (default: <preset-dir>/transformer)")
     p.add_argument("--world-weight", type=float, default=1.0,
                    help="world: weight of the world-target loss next to the CFG-distillation loss")
+    p.add_argument("--world-focus", action="store_true",
+                   help="world: draw more clips of the (shape, background) groups the student gets wrong (train/focus.py)")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
@@ -78,8 +82,8 @@ def main(argv=None) -> None:
         p.error(f"--shape-weight is for cfg and world and must be >= 1, got {args.shape_weight} for {args.recipe}")
     if args.anneal and (not student_recipe or args.max_iters == p.get_default("max_iters")):
         p.error("--anneal is for cfg and world and needs --max-iters (the iteration the decay ends at)")
-    if (args.init is not None or args.world_weight != 1) and args.recipe != "world":
-        p.error("--init and --world-weight are for the world recipe")
+    if (args.init is not None or args.world_weight != 1 or args.world_focus) and args.recipe != "world":
+        p.error("--init, --world-weight and --world-focus are for the world recipe")
     if args.recipe == "world" and args.guidance is None:
         args.guidance = 1.0  # the app's guidance input
     torch.set_num_threads(args.threads)
@@ -114,6 +118,8 @@ def main(argv=None) -> None:
         dmd = DMD2(base, sigmas, DMD2Config(guidance_scale=args.guidance), lr_fake=args.lr_fake, lr_g=args.lr)
         trained = dmd.generator
     it = 0
+    focus = FailureFocus(keys=("shape", "background")) if args.world_focus else None
+    draw_spec = focus.draw if focus is not None else world.sample_spec
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if student_recipe:
@@ -122,6 +128,8 @@ def main(argv=None) -> None:
         else:
             dmd.load_state_dict(state["dmd2"])
         it, curve = state["iter"], json.loads(state["curve"])
+        if focus is not None and "focus" in state:
+            focus.load_state_dict(json.loads(state["focus"]))
         say(f"resumed at iteration {it}")
 
     def evaluate(model) -> dict:
@@ -137,7 +145,7 @@ def main(argv=None) -> None:
     t_end = time.time() + 60 * args.minutes
     while time.time() < t_end and it < args.max_iters:
         video, captions, firsts = sample_clips(10_000 + it, args.batch, args.frames, args.size, args.fps, args.seed,
-                                               0.0)
+                                               0.0, draw_spec)
         text_only = [args.t2v] * len(captions)
         batch = encode_batch(pipe, video, captions, firsts, text_only)
         if student_recipe:
@@ -145,10 +153,13 @@ def main(argv=None) -> None:
             weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
             if args.recipe == "world":
-                specs = step_specs(10_000 + it, args.batch, args.seed)
+                specs = step_specs(10_000 + it, args.batch, args.seed, draw_spec)
                 world_loss, world_logs = world_tune_loss(student, comps["vae"], batch, specs, sigmas, args.guidance,
                                                          gen, args.shape_weight)
-                loss, logs = loss + args.world_weight * world_loss, {**logs, **world_logs}
+                wrong = world_logs.pop("wrong")
+                if focus is not None:
+                    focus.update(specs, wrong)
+                loss, logs = loss + args.world_weight * world_loss, {**logs, **world_logs, "wrong": wrong.mean()}
             for g in opt.param_groups:
                 g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
                                         anneal=args.anneal)
@@ -160,12 +171,15 @@ def main(argv=None) -> None:
             logs = dmd.step(batch, gen)
         it += 1
         if it % 10 == 0:
-            say(f"iter {it} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+            say(f"iter {it} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                + (f" hardest {focus.worst(4)}" if focus is not None else ""))
         if it % args.eval_every == 0 or time.time() >= t_end or it >= args.max_iters:
             curve.append({"iter": it, **evaluate(trained)})
             say(f"iter {it} eval {curve[-1]}")
             state = {"model": trained.state_dict(), "opt": opt.state_dict()} if student_recipe else {
                 "dmd2": dmd.state_dict()}
+            if focus is not None:
+                state["focus"] = json.dumps(focus.state_dict())
             torch.save({**state, "iter": it, "curve": json.dumps(curve)}, out / "ckpt.tmp")
             (out / "ckpt.tmp").replace(ckpt)
             (out / "curve.json").write_text(json.dumps(curve, indent=1))

@@ -16,7 +16,8 @@
 * ``--world-weight W`` adds W times the world-target loss on the model's own samples (``--world-steps`` Euler
   steps at CFG ``--world-guidance``, differentiable; ``distill/world_tune.py``) for ``--world-batch`` captions of
   each step: pixels of the decoded samples pulled toward the caption's shape and colour drawn where the sample put
-  its shape.
+  its shape. ``--world-focus`` draws those captions separately instead, more often for the (shape, colour,
+  background) groups the model's recent samples got wrong (``train/focus.py``).
 * Every ``--eval-minutes`` the EMA model is scored on 50 held-out captions; the best (colour+shape, then
   background) is exported as safetensors + configs to ``--export`` with ``train_state.json`` and
   ``generation.json`` (the steps / guidance it was measured with).
@@ -42,6 +43,7 @@ from magic_demo import world
 from magic_demo.distill.world_tune import t2i_world_tune_loss
 from magic_demo.mini_t2i import (GENERATION_FILE, HELDOUT_SET, MiniT2IPipeline, build_mini_t2i, denoise,
                                  evaluate_t2i, load_mini_t2i)
+from magic_demo.train.focus import FailureFocus
 
 CONFIGS = {
     # latent space of the world's VAE: 16 x 8 x 8 latents, one token per latent pixel (64 tokens)
@@ -117,7 +119,7 @@ def _score(r):
 def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24, lr=6e-4, warmup=100,
           shift=3.0, shape_weight=4.0, drop=0.1, ema_decay=0.999, ckpt_minutes=3.0, eval_minutes=5.0,
           eval_n=50, eval_steps=(8,), eval_guidance=(1.0, 2.0), export_dir=None, init=None, seed=0, threads=1,
-          world_weight=0.0, world_batch=16, world_steps=8, world_guidance=4.0, log=print):
+          world_weight=0.0, world_batch=16, world_steps=8, world_guidance=4.0, world_focus=False, log=print):
     """Train for ``minutes`` of wall time (or ``max_steps`` in total); returns the final state dict."""
     torch.set_num_threads(int(threads))
     out = Path(out)
@@ -130,6 +132,7 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
     vae = AutoencoderTiny.from_pretrained(vae_path) if vae_path else None
     pipe = build_mini_t2i(model_cfg, shift=shift, seed=seed, vae=vae)
     state = {"step": 0, "train_seconds": 0.0, "config": model_cfg, "best": None, "evals": []}
+    focus = FailureFocus() if world_focus else None
     params = list(pipe.denoiser.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     if ckpt_path.is_file():
@@ -139,6 +142,8 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         ema_sd = ck["ema"]
+        if focus is not None and "focus" in state:
+            focus.load_state_dict(state["focus"])
         log(f"resumed from {ckpt_path} at step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)")
     elif init is not None and (Path(init) / "model_index.json").is_file():
         shipped = load_mini_t2i(init)
@@ -208,9 +213,17 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
         x0, m, caps = make_batch(step, batch, seed=seed, size=pipe.default_size, drop=drop)
         loss = flow_loss(pipe, x0, m, caps, gen, shift, shape_weight)
         if world_weight:
-            texts = [c for c in caps if c][:world_batch]
-            world_loss, _ = t2i_world_tune_loss(pipe, texts, world_steps, world_guidance, gen, shape_weight)
+            if focus is None:
+                texts = [c for c in caps if c][:world_batch]
+            else:
+                rng = np.random.default_rng([seed, step, 1])
+                specs = [focus.draw(rng, lambda sp: world.caption(sp) in HELDOUT_SET) for _ in range(world_batch)]
+                texts = [world.caption(sp) for sp in specs]
+            world_loss, world_logs = t2i_world_tune_loss(pipe, texts, world_steps, world_guidance, gen, shape_weight)
             loss = loss + world_weight * world_loss
+            if focus is not None:
+                focus.update(specs, world_logs["wrong"])
+                state["focus"] = focus.state_dict()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -223,7 +236,8 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
         losses.append(loss.item())
         if state["step"] % 50 == 0:
             log(f"step {state['step']} loss {np.mean(losses[-50:]):.4f} "
-                f"{state['train_seconds'] / 60:.1f} min ({(time.time() - t0):.2f} s/step)")
+                f"{state['train_seconds'] / 60:.1f} min ({(time.time() - t0):.2f} s/step)"
+                + (f" hardest {focus.worst(4)}" if focus is not None else ""))
         now = time.time()
         if now - last_eval >= eval_minutes * 60:
             run_eval()
@@ -262,6 +276,8 @@ def main(argv=None):
     ap.add_argument("--world-batch", type=int, default=16, help="captions per step for the world-target loss")
     ap.add_argument("--world-steps", type=int, default=8, help="sampling steps of the world-target loss")
     ap.add_argument("--world-guidance", type=float, default=4.0, help="CFG scale of the world-target loss")
+    ap.add_argument("--world-focus", action="store_true",
+                    help="draw the world-loss captions more often from groups the model gets wrong")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -272,7 +288,7 @@ def main(argv=None):
           shift=a.shift, ckpt_minutes=a.ckpt_minutes, eval_minutes=a.eval_minutes, eval_n=a.eval_n,
           export_dir=a.export or None, init=a.init, seed=a.seed, threads=a.threads, ema_decay=a.ema_decay,
           eval_steps=tuple(a.eval_steps), eval_guidance=tuple(a.eval_guidance), world_weight=a.world_weight,
-          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance, log=log)
+          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance, world_focus=a.world_focus, log=log)
 
 
 if __name__ == "__main__":
