@@ -192,3 +192,13 @@ def test_world_tuning_samples_as_the_pipeline_does_and_trains_the_denoiser(tmp_p
     r = trainer.train(out=tmp_path / "focus", max_steps=4, init=tmp_path / "export", world_weight=1.0, world_batch=2,
                       world_steps=2, world_focus=True, **{**TINY, "config": cfg})
     assert sum(r["state"]["focus"]["seen"].values()) == pytest.approx((2 * 0.99 + 2) * 0.99 + 2)
+    # --decoder-lr trains the model's own decoder with that loss too; the encoder (the latent space) stays as it was
+    # (from the shipped model: a random one draws no shapes, so its world loss is 0)
+    steps = json.loads((Path(DEFAULT_PATH) / "train_state.json").read_text())["step"]
+    trainer.train(out=tmp_path / "dec", max_steps=steps + 1, export_dir=tmp_path / "dec_export", init=DEFAULT_PATH,
+                  world_weight=1.0, world_batch=2, world_steps=2, decoder_lr=1e-3, **{**TINY, "config": "latent"})
+    before, after = load_mini_t2i(DEFAULT_PATH).vae, load_mini_t2i(tmp_path / "dec_export").vae
+    assert any(not torch.equal(p, q) for p, q in zip(before.decoder.parameters(), after.decoder.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(before.encoder.parameters(), after.encoder.parameters()))
+    with pytest.raises(ValueError, match="`decoder_lr` needs a latent model and the world-target loss"):
+        trainer.train(out=tmp_path / "x", max_steps=1, decoder_lr=1e-3, **{**TINY, "config": cfg})

@@ -17,7 +17,9 @@
   steps at CFG ``--world-guidance``, differentiable; ``distill/world_tune.py``) for ``--world-batch`` captions of
   each step: pixels of the decoded samples pulled toward the caption's shape and colour drawn where the sample put
   its shape. ``--world-focus`` draws those captions separately instead, more often for the (shape, colour,
-  background) groups the model's recent samples got wrong (``train/focus.py``).
+  background) groups the model's recent samples got wrong (``train/focus.py``); ``--decoder-lr`` trains the
+  model's own decoder (``<export>/vae``, used by nothing else; the encoder, i.e. the latent space, stays frozen)
+  with that loss too, so denoiser and decoder can agree on latents that show corners.
 * Every ``--eval-minutes`` the EMA model is scored on 50 held-out captions; the best (colour+shape, then
   background) is exported as safetensors + configs to ``--export`` with ``train_state.json`` and
   ``generation.json`` (the steps / guidance it was measured with).
@@ -119,7 +121,8 @@ def _score(r):
 def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24, lr=6e-4, warmup=100,
           shift=3.0, shape_weight=4.0, drop=0.1, ema_decay=0.999, ckpt_minutes=3.0, eval_minutes=5.0,
           eval_n=50, eval_steps=(8,), eval_guidance=(1.0, 2.0), export_dir=None, init=None, seed=0, threads=1,
-          world_weight=0.0, world_batch=16, world_steps=8, world_guidance=4.0, world_focus=False, log=print):
+          world_weight=0.0, world_batch=16, world_steps=8, world_guidance=4.0, world_focus=False, decoder_lr=0.0,
+          log=print):
     """Train for ``minutes`` of wall time (or ``max_steps`` in total); returns the final state dict."""
     torch.set_num_threads(int(threads))
     out = Path(out)
@@ -133,12 +136,26 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
     pipe = build_mini_t2i(model_cfg, shift=shift, seed=seed, vae=vae)
     state = {"step": 0, "train_seconds": 0.0, "config": model_cfg, "best": None, "evals": []}
     focus = FailureFocus() if world_focus else None
-    params = list(pipe.denoiser.parameters()) + list(pipe.text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    if decoder_lr and (not world_weight or vae is None):
+        raise ValueError(f"`decoder_lr` needs a latent model and the world-target loss (the only loss that reaches the "
+                         f"decoder), got world_weight={world_weight!r} and config vae={vae_path!r}")
+    trained = [pipe.denoiser, pipe.text_encoder] + ([pipe.vae.decoder] if decoder_lr else [])
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False)
+        pipe.vae.decoder.requires_grad_(bool(decoder_lr))  # the encoder (the latent space) always stays frozen
+    params = [p for m in trained for p in m.parameters()]
+    groups = [{"params": list(pipe.denoiser.parameters()) + list(pipe.text_encoder.parameters())}]
+    base_lrs = [lr]
+    if decoder_lr:
+        groups.append({"params": list(pipe.vae.decoder.parameters())})
+        base_lrs.append(decoder_lr)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         pipe.denoiser.load_state_dict(ck.get("denoiser", ck.get("transformer")))
         pipe.text_encoder.load_state_dict(ck["text_encoder"])
+        if "decoder" in ck:
+            pipe.vae.decoder.load_state_dict(ck["decoder"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
         ema_sd = ck["ema"]
@@ -161,6 +178,8 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
     if ema_sd is not None:
         ema.denoiser.load_state_dict(ema_sd.get("denoiser", ema_sd.get("transformer")))
         ema.text_encoder.load_state_dict(ema_sd["text_encoder"])
+        if "decoder" in ema_sd:
+            ema.vae.decoder.load_state_dict(ema_sd["decoder"])
     pipe.denoiser.train()
     pipe.text_encoder.train()
     ema.denoiser.eval()
@@ -170,9 +189,12 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
 
     def save_checkpoint():
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"denoiser": pipe.denoiser.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
-                    "ema": {"denoiser": ema.denoiser.state_dict(), "text_encoder": ema.text_encoder.state_dict()},
-                    "optimizer": opt.state_dict(), "state": state}, tmp)
+        ck = {"denoiser": pipe.denoiser.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
+              "ema": {"denoiser": ema.denoiser.state_dict(), "text_encoder": ema.text_encoder.state_dict()},
+              "optimizer": opt.state_dict(), "state": state}
+        if decoder_lr:
+            ck["decoder"], ck["ema"]["decoder"] = pipe.vae.decoder.state_dict(), ema.vae.decoder.state_dict()
+        torch.save(ck, tmp)
         os.replace(tmp, ckpt_path)
 
     def run_eval():
@@ -208,8 +230,8 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
     while time.time() < deadline and (max_steps is None or state["step"] < max_steps):
         t0 = time.time()
         step = state["step"]
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        for g, base_lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = base_lr * min(1.0, (step + 1) / warmup)
         x0, m, caps = make_batch(step, batch, seed=seed, size=pipe.default_size, drop=drop)
         loss = flow_loss(pipe, x0, m, caps, gen, shift, shape_weight)
         if world_weight:
@@ -231,6 +253,8 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
         decay = min(ema_decay, (1 + step) / (10 + step))
         ema_update(ema.denoiser, pipe.denoiser, decay)
         ema_update(ema.text_encoder, pipe.text_encoder, decay)
+        if decoder_lr:
+            ema_update(ema.vae.decoder, pipe.vae.decoder, decay)
         state["step"] = step + 1
         state["train_seconds"] += time.time() - t0
         losses.append(loss.item())
@@ -278,6 +302,8 @@ def main(argv=None):
     ap.add_argument("--world-guidance", type=float, default=4.0, help="CFG scale of the world-target loss")
     ap.add_argument("--world-focus", action="store_true",
                     help="draw the world-loss captions more often from groups the model gets wrong")
+    ap.add_argument("--decoder-lr", type=float, default=0.0,
+                    help="also train the model's own decoder with the world-target loss at this lr (0: frozen)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -288,7 +314,7 @@ def main(argv=None):
           shift=a.shift, ckpt_minutes=a.ckpt_minutes, eval_minutes=a.eval_minutes, eval_n=a.eval_n,
           export_dir=a.export or None, init=a.init, seed=a.seed, threads=a.threads, ema_decay=a.ema_decay,
           eval_steps=tuple(a.eval_steps), eval_guidance=tuple(a.eval_guidance), world_weight=a.world_weight,
-          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance, world_focus=a.world_focus, log=log)
+          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance, world_focus=a.world_focus, decoder_lr=a.decoder_lr, log=log)
 
 
 if __name__ == "__main__":
