@@ -161,7 +161,7 @@ def test_world_tune_samples_as_the_pipeline_does_and_trains_only_the_student():
 
 
 def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
-    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers import AutoencoderTiny, HunyuanVideoTransformer3DModel
 
     from magic_demo.train import distill, i2v
     from tests.test_train_i2v import tiny_vae_folder
@@ -196,6 +196,16 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "student"), *common])
     with pytest.raises(SystemExit):  # and so is the failure focus
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--world-focus", *common])
+    # --decoder-lr trains the decoder with the student and saves the whole VAE (encoder unchanged) to <out>/vae
+    distill.main(["world", "--out", str(tmp_path / "wdec"), "--init", str(tmp_path / "student"), "--max-iters", "1",
+                  "--decoder-lr", "1e-3", *common])
+    before = AutoencoderTiny.from_pretrained(tmp_path / "mini" / "vae")
+    after = AutoencoderTiny.from_pretrained(tmp_path / "wdec" / "vae")
+    assert any(not torch.equal(p, q) for p, q in zip(before.decoder.parameters(), after.decoder.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(before.encoder.parameters(), after.encoder.parameters()))
+    assert "decoder" in torch.load(tmp_path / "wdec" / "ckpt.pt", weights_only=True)
+    with pytest.raises(SystemExit):
+        distill.main(["cfg", "--out", str(tmp_path / "x"), "--decoder-lr", "1e-3", *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",
                   "--export", str(tmp_path / "g4"), "--max-iters", "2", *common])
     distill.main(["dmd2", "--out", str(tmp_path / "dmd2"), "--base", str(tmp_path / "student"), "--guidance", "3",

@@ -49,6 +49,9 @@ def main(argv=None) -> None:
                    help="world: weight of the world-target loss next to the CFG-distillation loss")
     p.add_argument("--world-focus", action="store_true",
                    help="world: draw more clips of the (shape, background) groups the student gets wrong (train/focus.py)")
+    p.add_argument("--decoder-lr", type=float, default=0.0,
+                   help="world: also train the VAE's decoder with the world-target loss at this lr (0: frozen; the "
+                        "encoder stays frozen); the whole VAE is saved to <out>/vae")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
@@ -82,8 +85,8 @@ def main(argv=None) -> None:
         p.error(f"--shape-weight is for cfg and world and must be >= 1, got {args.shape_weight} for {args.recipe}")
     if args.anneal and (not student_recipe or args.max_iters == p.get_default("max_iters")):
         p.error("--anneal is for cfg and world and needs --max-iters (the iteration the decay ends at)")
-    if (args.init is not None or args.world_weight != 1 or args.world_focus) and args.recipe != "world":
-        p.error("--init, --world-weight and --world-focus are for the world recipe")
+    if (args.init is not None or args.world_weight != 1 or args.world_focus or args.decoder_lr) and args.recipe != "world":
+        p.error("--init, --world-weight, --world-focus and --decoder-lr are for the world recipe")
     if args.recipe == "world" and args.guidance is None:
         args.guidance = 1.0  # the app's guidance input
     torch.set_num_threads(args.threads)
@@ -106,12 +109,17 @@ def main(argv=None) -> None:
     if student_recipe:
         if args.recipe == "world":
             student = HunyuanVideoTransformer3DModel.from_pretrained(args.init or Path(args.preset_dir) / "transformer")
-            comps["vae"].requires_grad_(False)  # the world loss backpropagates through the frozen decoder
+            comps["vae"].requires_grad_(False)  # the world loss backpropagates through the decoder
+            comps["vae"].decoder.requires_grad_(args.decoder_lr > 0)
             sigmas, _ = build_sigmas(make_scheduler(), args.steps)
         else:
             student = student_from_teacher(base)
         student.train()
-        opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+        groups, lr_scales = [{"params": list(student.parameters())}], [1.0]
+        if args.decoder_lr:
+            groups.append({"params": list(comps["vae"].decoder.parameters())})
+            lr_scales.append(args.decoder_lr / args.lr)
+        opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
         trained, cfg = student, CFGDistillConfig()
     else:
         sigmas, _ = build_sigmas(make_scheduler(), args.steps)
@@ -125,6 +133,8 @@ def main(argv=None) -> None:
         if student_recipe:
             trained.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
+            if args.decoder_lr:
+                comps["vae"].decoder.load_state_dict(state["decoder"])
         else:
             dmd.load_state_dict(state["dmd2"])
         it, curve = state["iter"], json.loads(state["curve"])
@@ -160,12 +170,13 @@ def main(argv=None) -> None:
                 if focus is not None:
                     focus.update(specs, wrong)
                 loss, logs = loss + args.world_weight * world_loss, {**logs, **world_logs, "wrong": wrong.mean()}
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
-                                        anneal=args.anneal)
+            for g, scale in zip(opt.param_groups, lr_scales):
+                g["lr"] = scale * learning_rate(it, args.lr, warm_from=0, warmup=1, max_steps=args.max_iters,
+                                                anneal=args.anneal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            for g in opt.param_groups:
+                torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
             opt.step()
         else:
             logs = dmd.step(batch, gen)
@@ -180,11 +191,15 @@ def main(argv=None) -> None:
                 "dmd2": dmd.state_dict()}
             if focus is not None:
                 state["focus"] = json.dumps(focus.state_dict())
+            if args.decoder_lr:
+                state["decoder"] = comps["vae"].decoder.state_dict()
             torch.save({**state, "iter": it, "curve": json.dumps(curve)}, out / "ckpt.tmp")
             (out / "ckpt.tmp").replace(ckpt)
             (out / "curve.json").write_text(json.dumps(curve, indent=1))
             if args.export:
                 trained.save_pretrained(args.export, safe_serialization=True)
+            if args.decoder_lr:
+                comps["vae"].save_pretrained(out / "vae", safe_serialization=True)
     say(f"done at iteration {it}")
 
 
