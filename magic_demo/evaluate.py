@@ -158,16 +158,17 @@ def evaluate_first_frame_routes(pipe, routes: dict, n: int = 20, steps: int = 4,
 
 def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames: int = 17, n: int = 2,
                         steps: int = 4, size: int = 64, out_dir: str = "outputs/eval", guidance_scale: float = 1.0,
-                        true_cfg_scale: float = 1.0, colour_anchor: bool = True) -> dict:
-    """Sliding-window videos (default one minute): fraction of frames where the shape is present with the prompt's
-    colour class, and motion class of each window, read back from the written mp4."""
+                        true_cfg_scale: float = 1.0, colour_anchor: bool = True, spec_seed: int = 20_000) -> dict:
+    """Sliding-window videos (default one minute) from `held_out_specs(n, seed=spec_seed)`: fraction of frames where
+    the shape is present with the prompt's colour class, and motion class of each window, read back from the
+    written mp4."""
     from pathlib import Path
 
     from magic_demo.video import VideoRequest, generate_video
     from magic_demo.video_io import read_video
 
     kept, present, reports = [], [], []
-    for i, spec in enumerate(held_out_specs(n, seed=20_000)):
+    for i, spec in enumerate(held_out_specs(n, seed=spec_seed)):
         image = Image.fromarray(world.render_first_frame(spec, size=size))
         req = VideoRequest(image=image, prompt=world.caption(spec), seconds=seconds, fps=fps, steps=steps, seed=i,
                            window_frames=window_frames, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
