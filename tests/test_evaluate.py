@@ -93,3 +93,14 @@ def test_first_frame_routes_score_each_route_against_the_caption():
     r = evaluate_first_frame_routes(StillPipe(), {"rendered": rendered, "wrong": wrong_colour}, n=10, num_frames=9)
     assert r["rendered"] == {"clips": 10, "motion_ok": 0.2, "colour_kept": 1.0, "shape_kept": 1.0, "present": 1.0}
     assert r["wrong"]["colour_kept"] == 0.0 and r["wrong"]["present"] == 1.0  # 2 of 10 captions say "stays still"
+
+
+def test_long_video_eval_reads_back_its_mp4s_for_the_chosen_held_out_set(tmp_path, tiny_pipe):
+    from magic_demo.evaluate import evaluate_long_video
+
+    r = evaluate_long_video(tiny_pipe, seconds=2.0, fps=8, window_frames=9, n=2, steps=1, size=32,
+                            out_dir=str(tmp_path), spec_seed=30_000)
+    assert [run["caption"] for run in r["runs"]] == [world.caption(s) for s in held_out_specs(2, seed=30_000)]
+    assert [run["caption"] for run in r["runs"]] != [world.caption(s) for s in held_out_specs(2, seed=20_000)]
+    assert all(run["frames"] == 16 and (tmp_path / f"long_{i}.mp4").is_file() for i, run in enumerate(r["runs"]))
+    assert 0.0 <= r["colour_kept"] <= r["present"] <= 1.0  # a frame with the right colour has a shape present
