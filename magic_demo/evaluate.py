@@ -159,9 +159,9 @@ def evaluate_first_frame_routes(pipe, routes: dict, n: int = 20, steps: int = 4,
 def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames: int = 17, n: int = 2,
                         steps: int = 4, size: int = 64, out_dir: str = "outputs/eval", guidance_scale: float = 1.0,
                         true_cfg_scale: float = 1.0, colour_anchor: bool = True, spec_seed: int = 20_000) -> dict:
-    """Sliding-window videos (default one minute) from `held_out_specs(n, seed=spec_seed)`: fraction of frames where
-    the shape is present with the prompt's colour class, and motion class of each window, read back from the
-    written mp4."""
+    """Sliding-window videos (default one minute) from `held_out_specs(n, seed=spec_seed)`, read back from the written
+    mp4s: fraction of frames where the shape is present, and where it is present with the prompt's colour class;
+    per video its caption, frame count, wall time and path."""
     from pathlib import Path
 
     from magic_demo.video import VideoRequest, generate_video
