@@ -249,13 +249,35 @@ def classify_colour(rgb) -> str:
     return best
 
 
-def classify_shape(mask: np.ndarray) -> str | None:
-    """circle / square / triangle from how much of its bounding box the mask fills (0.79 / 1.0 / 0.5)."""
-    if mask is None or mask.sum() < 4:
-        return None
+# Area / r^2 of each shape as `_coverage` draws it, and its centroid's offset below the centre (in r): what a
+# template needs to be placed and sized like a mask.
+_SHAPE_AREA = {"circle": np.pi, "square": 1.8**2, "triangle": 2.0}
+_CENTROID_BELOW_CENTRE = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
+
+
+def shape_match(mask: np.ndarray) -> dict[str, float]:
+    """IoU of the mask with each world shape drawn with the mask's area at its centroid (upright, as rendered)."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    n = max(h, w)
     ys, xs = np.nonzero(mask)
-    fill = mask.sum() / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return "triangle" if fill < 0.65 else ("circle" if fill < 0.9 else "square")
+    cx, cy = (xs.mean() + 0.5) / n, (ys.mean() + 0.5) / n
+    out = {}
+    for shape in SHAPES:
+        r = np.sqrt(mask.sum() / _SHAPE_AREA[shape]) / n
+        template = _coverage(shape, r, [cx], [cy - _CENTROID_BELOW_CENTRE[shape] * r], n, 4)[0, :h, :w] >= 0.5
+        out[shape] = float((template & mask).sum() / (template | mask).sum())
+    return out
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """circle / square / triangle: the world shape whose template (same area, same centroid) overlaps the mask
+    most. Unlike the fill of the bounding box (the rule before session 14), a square tilted by a few degrees or
+    with slightly rounded corners stays a square, and a rounded blob is judged against circle and square alike."""
+    if mask is None or np.sum(mask) < 4:
+        return None
+    match = shape_match(mask)
+    return max(match, key=match.get)
 
 
 def classify_motion(centroids, size: int = DEFAULT_SIZE, fps: float = DEFAULT_FPS, min_speed: float = 0.04) -> str:

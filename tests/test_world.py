@@ -80,3 +80,35 @@ def test_speed_within_range():
 def test_spec_from_caption():
     spec = world.spec_from_caption("a purple triangle moves up on a navy background", rng=3)
     assert (spec.colour, spec.shape, spec.motion, spec.background) == ("purple", "triangle", "moves up", "navy")
+
+
+def _tilted_square_mask(degrees, r=0.14, size=64, ss=4):
+    g = (np.arange(size * ss) + 0.5) / (size * ss) - 0.5
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    x, y = c * g[None, :] + s * g[:, None], -s * g[None, :] + c * g[:, None]
+    inside = (np.abs(x) <= 0.9 * r) & (np.abs(y) <= 0.9 * r)
+    return inside.reshape(size, ss, size, ss).mean(axis=(1, 3)) >= 0.5
+
+
+def test_classify_shape_names_every_rendered_frame_of_held_out_clips():
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        spec = world.sample_spec(rng)
+        for f in world.render_clip(spec, 9):
+            assert world.classify_shape(world.find_shape(f, spec.bg_rgb)["mask"]) == spec.shape
+
+
+def test_classify_shape_tolerates_a_small_tilt_but_not_a_diamond():
+    # the bounding-box fill rule called a square tilted by 5 degrees a circle
+    assert world.classify_shape(_tilted_square_mask(5)) == "square"
+    assert world.classify_shape(_tilted_square_mask(8)) == "square"
+    assert world.classify_shape(_tilted_square_mask(45)) != "square"
+    match = world.shape_match(_tilted_square_mask(0))
+    assert match["square"] > 0.95 and match["circle"] < 0.9 and match["triangle"] < 0.8
+
+
+def test_classify_shape_needs_a_few_pixels():
+    assert world.classify_shape(np.zeros((64, 64), bool)) is None
+    m = np.zeros((64, 64), bool)
+    m[10, 10:13] = True
+    assert world.classify_shape(m) is None
