@@ -55,3 +55,15 @@ def test_latent_scale_does_not_depend_on_the_eval_clip_count(tmp_path):
         tv.export(model, tmp_path / f"e{clips}", m, "test-tiny", step=1)
         scales.append(json.loads((tmp_path / f"e{clips}" / "config.json").read_text())["scaling_factor"])
     assert scales[0] == scales[1] == tv.latent_scale(model)[0]
+
+
+def test_x4_arch_has_16x16_latents_and_the_engine_reads_its_ratio():
+    from magic_demo.autoencoder import latent_geometry
+
+    model = tv.build_model("tiny-x4")
+    x, _, _ = tv.make_batch([3], 2)
+    with torch.no_grad():
+        z = tv.encode(model, x)
+    assert tuple(z.shape) == (1, 16, 2, 16, 16)
+    geom = latent_geometry(model)
+    assert geom.spatial_ratio == 4 and geom.temporal_ratio == 1 and geom.channels == 16

@@ -9,7 +9,7 @@ the per-frame colour + shape kept is the best so far, exports the model with ``s
 ``reconstructions.png`` and ``metrics.json``.  Restarting with the same ``--out`` resumes from the checkpoint.
 
 Architectures (``--arch``): ``tiny`` is a per-frame diffusers ``AutoencoderTiny`` (spatial x8, no temporal
-compression); ``hv*`` are small ``AutoencoderKLHunyuanVideo`` configs (spatial x8, temporal x4).  The
+compression), ``tiny-x4`` the same at spatial x4; ``hv*`` are small ``AutoencoderKLHunyuanVideo`` configs (spatial x8, temporal x4).  The
 ``test-*`` configs are for unit tests only.
 """
 from __future__ import annotations
@@ -35,6 +35,11 @@ ARCHS = {
     # per-frame AutoencoderTiny: 4 blocks, x8 spatial, 16 latent channels
     "tiny": ("AutoencoderTiny", dict(encoder_block_out_channels=(32, 32, 32, 32),
                                      decoder_block_out_channels=(32, 32, 32, 32), latent_channels=16)),
+    # the same with 3 blocks: x4 spatial (16x16 latents for 64x64 frames), so corners of small shapes survive;
+    # a transformer with patch 2 on it sees as many tokens as patch 1 on the x8 latents
+    "tiny-x4": ("AutoencoderTiny", dict(encoder_block_out_channels=(32, 32, 32),
+                                        decoder_block_out_channels=(32, 32, 32), latent_channels=16,
+                                        num_encoder_blocks=(1, 3, 3), num_decoder_blocks=(3, 3, 1))),
     "tiny64": ("AutoencoderTiny", dict(encoder_block_out_channels=(64, 64, 64, 64),
                                        decoder_block_out_channels=(64, 64, 64, 64), latent_channels=16)),
     "hv": ("AutoencoderKLHunyuanVideo", dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1,
