@@ -246,3 +246,32 @@ def test_condition_noise_training_runs_and_refuses_negative_values(tmp_path, cap
     assert "--condition-noise must be >= 0, got -0.1" in capsys.readouterr().err
     i2v.main(common + ["--max-steps", "2", "--condition-noise", "0.5"])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_a_teacher_for_a_new_vae_starts_from_another_teachers_blocks(tmp_path):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    torch.manual_seed(1)  # the new VAE: x4 spatial, other latent channels
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                    latent_channels=8, num_encoder_blocks=(1, 1, 1),
+                    num_decoder_blocks=(1, 1, 1)).save_pretrained(tmp_path / "vae_x4", safe_serialization=True)
+    common = ["--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1", "--config", "test", "--warmup", "1"]
+    i2v.main(["--out", str(tmp_path / "a"), "--vae", str(vae), "--export", str(tmp_path / "mini"), "--max-steps", "1",
+              *common])
+    i2v.main(["--out", str(tmp_path / "b"), "--vae", str(tmp_path / "vae_x4"), "--init-blocks", str(tmp_path / "mini"),
+              "--patch-size", "2", "--max-steps", "1", "--lr", "1e-12", *common])
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "fresh: x_embedder.proj.weight, proj_out.weight, proj_out.bias" in log
+    old = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "mini" / "teacher").state_dict()
+    new = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000001").state_dict()
+    block = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.allclose(old[block], new[block], atol=1e-6)  # copied (lr ~0: one step cannot move it)
+    assert new["x_embedder.proj.weight"].shape != old["x_embedder.proj.weight"].shape
+    frozen = tmp_path / "b" / "frozen"
+    assert (frozen / "text_encoder" / "model.safetensors").read_bytes() == \
+        (tmp_path / "mini" / "text_encoder" / "model.safetensors").read_bytes()
+    assert AutoencoderTiny.from_pretrained(frozen / "vae").config.encoder_block_out_channels == [8, 8, 8]
+    with pytest.raises(SystemExit):
+        i2v.main(["--out", str(tmp_path / "c"), "--vae", str(vae), "--init", str(tmp_path / "mini"),
+                  "--init-blocks", str(tmp_path / "mini"), *common])

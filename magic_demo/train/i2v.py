@@ -53,6 +53,10 @@ def main(argv=None) -> None:
     p.add_argument("--vae", default="assets/mini/vae")
     p.add_argument("--export", default=None, help="preset folder to write at each checkpoint (e.g. assets/mini)")
     p.add_argument("--init", default=None, help="continue a shipped preset folder (no checkpoint in --out yet)")
+    p.add_argument("--init-blocks", default=None,
+                   help="start a teacher for a new VAE (--vae) from this preset folder's teacher: every weight whose "
+                        "shape matches is copied (blocks, text and time embedders), the patch embedding and output "
+                        "projection start fresh, and the frozen text components are this folder's")
     p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--batch", type=int, default=8)
@@ -98,6 +102,8 @@ def main(argv=None) -> None:
         p.error(f"--shape-weight must be >= 1, got {args.shape_weight}")
     if args.condition_noise < 0:
         p.error(f"--condition-noise must be >= 0, got {args.condition_noise}")
+    if args.init and args.init_blocks:
+        p.error("--init and --init-blocks exclude each other (--init continues a teacher, --init-blocks starts one)")
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
@@ -121,8 +127,13 @@ def main(argv=None) -> None:
                 shutil.copytree(Path(args.init) / name, staging / name, ignore=shutil.ignore_patterns("*.png", "*.md"))
         else:
             shutil.copytree(args.vae, staging / "vae", ignore=shutil.ignore_patterns("*.png", "*.md"))
-            save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed),
-                            staging)
+            if args.init_blocks:  # the copied text-reading layers need exactly the text features they learned on
+                for name in FROZEN:
+                    if name != "vae":
+                        shutil.copytree(Path(args.init_blocks) / name, staging / name)
+            else:
+                save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed),
+                                staging)
         staging.rename(frozen_dir)
     comps = load_components(frozen_dir, names=FROZEN)
     comps["vae"].eval().requires_grad_(False)
@@ -161,6 +172,9 @@ def main(argv=None) -> None:
         step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
         warm_from = step
+    elif args.init_blocks:
+        copied, fresh = transfer_matching(transformer, type(transformer).from_pretrained(Path(args.init_blocks) / TEACHER))
+        say(f"blocks from {args.init_blocks}: {copied} tensors copied, fresh: {', '.join(fresh)}")
     ema, ema_steps = None, 0
     if args.ema:
         ema = copy.deepcopy(transformer).requires_grad_(False)
@@ -255,6 +269,19 @@ def repatch_to_1(state: dict, src: int, dst: int) -> dict:
     state["proj_out.weight"] = state["proj_out.weight"].view(-1, src * src, d).mean(1)
     state["proj_out.bias"] = state["proj_out.bias"].view(-1, src * src).mean(1)
     return state
+
+
+@torch.no_grad()
+def transfer_matching(model: torch.nn.Module, source: torch.nn.Module) -> tuple[int, list[str]]:
+    """Copy every tensor of `source` whose name and shape match into `model`: a teacher trained on one latent space
+    lends its attention blocks and text/time embedders to one for another (same width, same token grid); the
+    layers that read or write latents have other shapes and keep their fresh initialisation. Returns (copied,
+    names left fresh)."""
+    theirs = source.state_dict()
+    mine = model.state_dict()
+    fresh = [k for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+    model.load_state_dict({**mine, **{k: theirs[k] for k in mine if k not in fresh}})
+    return len(mine) - len(fresh), fresh
 
 
 @torch.no_grad()
