@@ -173,7 +173,8 @@ def main(argv=None) -> None:
         say(f"initialised from {args.init} (step {step}); fresh optimizer")
         warm_from = step
     elif args.init_blocks:
-        copied, fresh = transfer_matching(transformer, type(transformer).from_pretrained(Path(args.init_blocks) / TEACHER))
+        source = type(transformer).from_pretrained(Path(args.init_blocks) / TEACHER)
+        copied, fresh = transfer_matching(transformer, source)
         say(f"blocks from {args.init_blocks}: {copied} tensors copied, fresh: {', '.join(fresh)}")
     ema, ema_steps = None, 0
     if args.ema:

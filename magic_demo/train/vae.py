@@ -9,8 +9,8 @@ the per-frame colour + shape kept is the best so far, exports the model with ``s
 ``reconstructions.png`` and ``metrics.json``.  Restarting with the same ``--out`` resumes from the checkpoint.
 
 Architectures (``--arch``): ``tiny`` is a per-frame diffusers ``AutoencoderTiny`` (spatial x8, no temporal
-compression), ``tiny-x4`` the same at spatial x4; ``hv*`` are small ``AutoencoderKLHunyuanVideo`` configs (spatial x8, temporal x4).  The
-``test-*`` configs are for unit tests only.
+compression), ``tiny-x4`` the same at spatial x4; ``hv*`` are small ``AutoencoderKLHunyuanVideo`` configs
+(spatial x8, temporal x4).  The ``test-*`` configs are for unit tests only.
 """
 from __future__ import annotations
 
