@@ -122,18 +122,19 @@ def main(argv=None) -> None:
     if not frozen_dir.is_dir():
         staging = out / "frozen.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        if args.init:  # continue a shipped preset: its exact frozen components
+        skip = shutil.ignore_patterns("*.png", "*.md")
+        if not args.init:  # a new teacher: the VAE given
+            shutil.copytree(args.vae, staging / "vae", ignore=skip)
+        # --init continues a shipped preset with its exact components; --init-blocks keeps the text components
+        # its copied text-reading layers learned on
+        copy_from = args.init or args.init_blocks
+        if copy_from:
             for name in FROZEN:
-                shutil.copytree(Path(args.init) / name, staging / name, ignore=shutil.ignore_patterns("*.png", "*.md"))
+                if not (staging / name).exists():
+                    shutil.copytree(Path(copy_from) / name, staging / name, ignore=skip)
         else:
-            shutil.copytree(args.vae, staging / "vae", ignore=shutil.ignore_patterns("*.png", "*.md"))
-            if args.init_blocks:  # the copied text-reading layers need exactly the text features they learned on
-                for name in FROZEN:
-                    if name != "vae":
-                        shutil.copytree(Path(args.init_blocks) / name, staging / name)
-            else:
-                save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed),
-                                staging)
+            save_components(build_frozen_text(MINI if args.config == "mini" else TinyConfig(), seed=args.seed),
+                            staging)
         staging.rename(frozen_dir)
     comps = load_components(frozen_dir, names=FROZEN)
     comps["vae"].eval().requires_grad_(False)
