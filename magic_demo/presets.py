@@ -106,6 +106,9 @@ PRESETS: dict[str, Preset] = {
                transformer_folder="student_8step", **_MINI),
         Preset("mini-teacher", "the undistilled miniature teacher: Euler with two-pass CFG (Table 1 comparison)",
                steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI),
+        Preset("mini-x4-teacher", "the next miniature teacher, on a x4 VAE (16x16 latents; assets/mini_x4, in "
+               "training): Euler with two-pass CFG", steps=16, true_cfg_scale=4.0, transformer_folder="teacher",
+               **{**_MINI, "path": ASSETS / "mini_x4"}),
         Preset("hunyuan-i2v", "HunyuanVideo-I2V (diffusers format, 33-channel latent_concat), 50 Euler steps: "
                "the undistilled base", path=os.environ.get("HUNYUAN_I2V_PATH", "hunyuanvideo-community/HunyuanVideo-I2V"),
                steps=50, gpu_memory_gib=24.0, **_REAL),

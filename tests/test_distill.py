@@ -241,3 +241,14 @@ def test_shipped_mini_presets_are_the_distilled_students_and_the_teacher():
     # the students differ from each other and from the teacher they were distilled from (int8 weights)
     q = [p.transformer.transformer_blocks[0].attn.to_q.weight.dequantize() for p in (student, student8, teacher)]
     assert not torch.equal(q[0], q[1]) and not torch.equal(q[0], q[2])
+
+
+def test_the_x4_teacher_preset_runs_on_its_own_16x16_latents():
+    teacher = load_pipeline("mini-x4-teacher")
+    assert not teacher.has_guidance_input and teacher.preset.true_cfg_scale > 1
+    assert teacher.geometry.spatial_ratio == 4 and teacher.transformer.config.patch_size == 2
+    seen = []
+    image = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
+    clip = teacher(image, "a red circle moves left on a black background", num_frames=5, steps=2,
+                   callback=lambda i, x: seen.append(tuple(x.shape)))
+    assert clip.shape == (5, 64, 64, 3) and seen == [(1, 16, 5, 16, 16)] * 2

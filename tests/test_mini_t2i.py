@@ -156,6 +156,33 @@ def test_latent_variant_trains_on_vae_latents_and_decodes_rgb(tmp_path):
     assert frame.image.size == (96, 64)
 
 
+def test_a_model_for_a_new_vae_starts_from_another_models_blocks(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from tests.test_train_i2v import tiny_vae_folder
+
+    cfg = {"arch": "pixart", "heads": 2, "head_dim": 8, "layers": 1, "patch": 1, "text_hidden": 16,
+           "text_layers": 1, "vae": str(tiny_vae_folder(tmp_path / "vae"))}
+    trainer.train(out=tmp_path / "run", max_steps=1, export_dir=tmp_path / "export", **{**TINY, "config": cfg})
+    torch.manual_seed(1)  # the new VAE: x4 spatial (16 x 16 latents at 64 px), other latent channels
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8), latent_channels=8,
+                    num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).save_pretrained(tmp_path / "vae_x4")
+    cfg_x4 = {**cfg, "patch": 2, "vae": str(tmp_path / "vae_x4")}
+    logs = []
+    r = trainer.train(out=tmp_path / "x4", max_steps=1, lr=1e-12, init_blocks=tmp_path / "export",
+                      **{**TINY, "config": cfg_x4, "log": logs.append})
+    assert any("fresh: pos_embed.proj.weight, proj_out.weight, proj_out.bias;" in m for m in logs)
+    old, new = load_mini_t2i(tmp_path / "export"), r["pipe"]
+    block = "transformer_blocks.0.attn1.to_q.weight"
+    assert torch.allclose(old.transformer.state_dict()[block], new.transformer.state_dict()[block], atol=1e-6)
+    assert torch.allclose(old.text_encoder.get_input_embeddings().weight,
+                          new.text_encoder.get_input_embeddings().weight, atol=1e-6)
+    assert new.transformer.config.in_channels == 8 and new.sample_shape(1, 64, 64) == (1, 8, 16, 16)
+    with pytest.raises(ValueError, match="`init` and `init_blocks` exclude each other"):
+        trainer.train(out=tmp_path / "y", max_steps=1, init=tmp_path / "export", init_blocks=tmp_path / "export",
+                      **{**TINY, "config": cfg_x4})
+
+
 def test_world_tuning_samples_as_the_pipeline_does_and_trains_the_denoiser(tmp_path):
     from magic_demo.distill.world_tune import t2i_samples_with_grad, t2i_world_tune_loss
     from tests.test_train_i2v import tiny_vae_folder

@@ -46,11 +46,15 @@ from magic_demo.distill.world_tune import t2i_world_tune_loss
 from magic_demo.mini_t2i import (GENERATION_FILE, HELDOUT_SET, MiniT2IPipeline, build_mini_t2i, denoise,
                                  evaluate_t2i, load_mini_t2i)
 from magic_demo.train.focus import FailureFocus
+from magic_demo.train.i2v import transfer_matching
 
 CONFIGS = {
     # latent space of the world's VAE: 16 x 8 x 8 latents, one token per latent pixel (64 tokens)
     "latent": {"arch": "pixart", "heads": 4, "head_dim": 32, "layers": 6, "patch": 1, "text_hidden": 64,
                "text_layers": 2, "vae": "assets/mini/vae"},
+    # the x4 VAE's 16 x 16 x 16 latents, patch 2: the same 8 x 8 token grid, so `init_blocks` can lend "latent"'s blocks
+    "latent-x4": {"arch": "pixart", "heads": 4, "head_dim": 32, "layers": 6, "patch": 2, "text_hidden": 64,
+                  "text_layers": 2, "vae": "assets/mini_x4/vae"},
     # conv UNet (pixel space, attention at 8x8 only): learns crisp shapes in far fewer steps than the transformer
     "unet": {"arch": "unet", "channels": (32, 64, 96, 128), "text_hidden": 64, "text_layers": 2},
     # 1.2M-param PixArt transformer (4 heads x 32, 4 layers, patch 4) + 0.1M CLIP text
@@ -122,12 +126,18 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
           shift=3.0, shape_weight=4.0, drop=0.1, ema_decay=0.999, ckpt_minutes=3.0, eval_minutes=5.0,
           eval_n=50, eval_steps=(8,), eval_guidance=(1.0, 2.0), export_dir=None, init=None, seed=0, threads=1,
           world_weight=0.0, world_batch=16, world_steps=8, world_guidance=4.0, world_focus=False, decoder_lr=0.0,
-          log=print):
-    """Train for ``minutes`` of wall time (or ``max_steps`` in total); returns the final state dict."""
+          init_blocks=None, log=print):
+    """Train for ``minutes`` of wall time (or ``max_steps`` in total); returns the final state dict.
+
+    ``init_blocks``: an exported model for another latent space whose denoiser lends every tensor of matching name
+    and shape (the transformer blocks, caption and time embedders) and whose text encoder is copied whole; the
+    layers that read and write latents start fresh (``transfer_matching``)."""
     torch.set_num_threads(int(threads))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
+    if init is not None and init_blocks is not None:
+        raise ValueError(f"`init` and `init_blocks` exclude each other, got {init!r} and {init_blocks!r}")
     model_cfg = CONFIGS[config] if isinstance(config, str) else dict(config)
     vae_path = model_cfg.get("vae")
     if vae_path and init is not None and (Path(init) / "vae" / "config.json").is_file():
@@ -172,6 +182,12 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
             state.update(step=int(prev.get("step", 0)), train_seconds=float(prev.get("train_seconds", 0.0)))
         ema_sd = None
         log(f"initialised from shipped weights {init} (step {state['step']})")
+    elif init_blocks is not None:
+        source = load_mini_t2i(init_blocks)
+        copied, fresh = transfer_matching(pipe.denoiser, source.denoiser)
+        pipe.text_encoder.load_state_dict(source.text_encoder.state_dict())
+        ema_sd = None
+        log(f"blocks from {init_blocks}: {copied} tensors copied, fresh: {', '.join(fresh)}; text encoder copied")
     else:
         ema_sd = None
     ema = copy.deepcopy(pipe)  # EMA of transformer + text encoder; shares tokenizer and scheduler config
@@ -292,6 +308,9 @@ def main(argv=None):
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--export", default="assets/mini/t2i", help="where the best weights are exported ('' = none)")
     ap.add_argument("--init", default=None, help="start from an exported folder when there is no checkpoint")
+    ap.add_argument("--init-blocks", default=None,
+                    help="start a model for another VAE (--config) from this exported folder's transformer blocks "
+                         "and text encoder (the latent input/output layers start fresh)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ema-decay", type=float, default=0.999, help="of the evaluated and exported weight average")
     ap.add_argument("--eval-steps", type=int, nargs="+", default=[8], help="sampling steps the evals try")
@@ -314,7 +333,8 @@ def main(argv=None):
           shift=a.shift, ckpt_minutes=a.ckpt_minutes, eval_minutes=a.eval_minutes, eval_n=a.eval_n,
           export_dir=a.export or None, init=a.init, seed=a.seed, threads=a.threads, ema_decay=a.ema_decay,
           eval_steps=tuple(a.eval_steps), eval_guidance=tuple(a.eval_guidance), world_weight=a.world_weight,
-          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance, world_focus=a.world_focus, decoder_lr=a.decoder_lr, log=log)
+          world_batch=a.world_batch, world_steps=a.world_steps, world_guidance=a.world_guidance,
+          world_focus=a.world_focus, decoder_lr=a.decoder_lr, init_blocks=a.init_blocks, log=log)
 
 
 if __name__ == "__main__":
