@@ -106,6 +106,9 @@ PRESETS: dict[str, Preset] = {
                transformer_folder="student_8step", **_MINI),
         Preset("mini-teacher", "the undistilled miniature teacher: Euler with two-pass CFG (Table 1 comparison)",
                steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI),
+        Preset("mini-x4", "the next miniature models, in training, on a x4 VAE (16x16 latents; assets/mini_x4): the "
+               "x4 teacher CFG-distilled and tuned on its own 4-step samples, guidance input 1", guidance_scale=1.0,
+               **{**_MINI, "path": ASSETS / "mini_x4"}),
         Preset("mini-x4-teacher", "the next miniature teacher, on a x4 VAE (16x16 latents; assets/mini_x4, in "
                "training): Euler with two-pass CFG", steps=16, true_cfg_scale=4.0, transformer_folder="teacher",
                **{**_MINI, "path": ASSETS / "mini_x4"}),

@@ -243,12 +243,13 @@ def test_shipped_mini_presets_are_the_distilled_students_and_the_teacher():
     assert not torch.equal(q[0], q[1]) and not torch.equal(q[0], q[2])
 
 
-def test_the_x4_teacher_preset_runs_on_its_own_16x16_latents():
-    teacher = load_pipeline("mini-x4-teacher")
-    assert not teacher.has_guidance_input and teacher.preset.true_cfg_scale > 1
-    assert teacher.geometry.spatial_ratio == 4 and teacher.transformer.config.patch_size == 2
-    seen = []
+def test_the_x4_presets_run_on_their_own_16x16_latents():
+    student, teacher = load_pipeline("mini-x4"), load_pipeline("mini-x4-teacher")
+    assert student.has_guidance_input and not teacher.has_guidance_input and teacher.preset.true_cfg_scale > 1
     image = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
-    clip = teacher(image, "a red circle moves left on a black background", num_frames=5, steps=2,
-                   callback=lambda i, x: seen.append(tuple(x.shape)))
-    assert clip.shape == (5, 64, 64, 3) and seen == [(1, 16, 5, 16, 16)] * 2
+    for pipe in (student, teacher):
+        assert pipe.geometry.spatial_ratio == 4 and pipe.transformer.config.patch_size == 2
+        seen = []
+        clip = pipe(image, "a red circle moves left on a black background", num_frames=5, steps=2,
+                    callback=lambda i, x: seen.append(tuple(x.shape)))
+        assert clip.shape == (5, 64, 64, 3) and seen == [(1, 16, 5, 16, 16)] * 2
