@@ -92,6 +92,7 @@ _REAL = dict(width=960, height=544, buckets=REAL_BUCKETS, fps=24, window_frames=
              prompt_template=HUNYUAN_I2V_TEMPLATE, text_to_image=_turbo_text_to_image, offload=True, vae_tiling=True)
 _MINI = dict(path=ASSETS / "mini", width=64, height=64, buckets=((64, 64),), fps=8, window_frames=17, seconds=4.0,
              text_to_image=_mini_text_to_image, gallery_index=ASSETS / "gallery_index")
+_MINI_X4 = {**_MINI, "path": ASSETS / "mini_x4"}  # the same world and video defaults, the x4-VAE models
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -108,10 +109,10 @@ PRESETS: dict[str, Preset] = {
                steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI),
         Preset("mini-x4", "the next miniature models, in training, on a x4 VAE (16x16 latents; assets/mini_x4): the "
                "x4 teacher CFG-distilled and tuned on its own 4-step samples, guidance input 1", guidance_scale=1.0,
-               **{**_MINI, "path": ASSETS / "mini_x4"}),
+               **_MINI_X4),
         Preset("mini-x4-teacher", "the next miniature teacher, on a x4 VAE (16x16 latents; assets/mini_x4, in "
                "training): Euler with two-pass CFG", steps=16, true_cfg_scale=4.0, transformer_folder="teacher",
-               **{**_MINI, "path": ASSETS / "mini_x4"}),
+               **_MINI_X4),
         Preset("hunyuan-i2v", "HunyuanVideo-I2V (diffusers format, 33-channel latent_concat), 50 Euler steps: "
                "the undistilled base", path=os.environ.get("HUNYUAN_I2V_PATH", "hunyuanvideo-community/HunyuanVideo-I2V"),
                steps=50, gpu_memory_gib=24.0, **_REAL),

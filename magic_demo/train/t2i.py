@@ -160,6 +160,7 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
         groups.append({"params": list(pipe.vae.decoder.parameters())})
         base_lrs.append(decoder_lr)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema_sd = None  # the weight average to resume, only from a checkpoint
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         pipe.denoiser.load_state_dict(ck.get("denoiser", ck.get("transformer")))
@@ -180,16 +181,12 @@ def train(out="runs/t2i", minutes=45.0, max_steps=None, config="small", batch=24
         if f.is_file():
             prev = json.loads(f.read_text())
             state.update(step=int(prev.get("step", 0)), train_seconds=float(prev.get("train_seconds", 0.0)))
-        ema_sd = None
         log(f"initialised from shipped weights {init} (step {state['step']})")
     elif init_blocks is not None:
         source = load_mini_t2i(init_blocks)
         copied, fresh = transfer_matching(pipe.denoiser, source.denoiser)
         pipe.text_encoder.load_state_dict(source.text_encoder.state_dict())
-        ema_sd = None
         log(f"blocks from {init_blocks}: {copied} tensors copied, fresh: {', '.join(fresh)}; text encoder copied")
-    else:
-        ema_sd = None
     ema = copy.deepcopy(pipe)  # EMA of transformer + text encoder; shares tokenizer and scheduler config
     if ema_sd is not None:
         ema.denoiser.load_state_dict(ema_sd.get("denoiser", ema_sd.get("transformer")))
