@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -90,8 +91,16 @@ def _jitter_colour(rng, base, shade=(0.8, 1.0), noise=12):
     return tuple(int(v) for v in np.clip(np.round(c), 0, 255))
 
 
-def sample_spec(rng=None, shape=None, colour=None, motion=None, background=None) -> ClipSpec:
-    """Draw a random clip spec (deterministic for a seed or Generator); fixed fields may be given."""
+def sample_spec(rng=None, shape=None, colour=None, motion=None, background=None,
+                bounce_within: Optional[float] = None) -> ClipSpec:
+    """Draw a random clip spec (deterministic for a seed or Generator); fixed fields may be given.
+
+    By default the shape moves as captioned for at least LEAD_SECONDS before its first bounce. With
+    `bounce_within` (seconds) it starts instead so close to the wall it moves toward that it reaches it within that
+    time, touching it included: where a sliding window's later windows start, as the captioned motion keeps
+    pushing the shape into the wall."""
+    if bounce_within is not None and bounce_within < 0:
+        raise ValueError(f"bounce_within must be >= 0 seconds, got {bounce_within!r}")
     rng = _rng(rng)
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
@@ -106,7 +115,11 @@ def sample_spec(rng=None, shape=None, colour=None, motion=None, background=None)
     room = min(speed * LEAD_SECONDS, 0.5 * (hi - lo))
     start = []
     for d in MOTIONS[motion]:
-        a, b = (lo, hi - room) if d > 0 else ((lo + room, hi) if d < 0 else (lo, hi))
+        if bounce_within is not None and d:
+            reach = min(speed * bounce_within, hi - lo)
+            a, b = (hi - reach, hi) if d > 0 else (lo, lo + reach)
+        else:
+            a, b = (lo, hi - room) if d > 0 else ((lo + room, hi) if d < 0 else (lo, hi))
         start.append(rng.uniform(a, b))
     return ClipSpec(shape, colour, motion, background, rgb=rgb, bg_rgb=bg_rgb, radius=radius,
                     x0=start[0], y0=start[1], speed=speed)

@@ -181,11 +181,13 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
         distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--shape-weight", "4", *common])
     with pytest.raises(SystemExit):  # and the condition noise
         distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--condition-noise", "0.3", *common])
+    with pytest.raises(SystemExit):  # and the edge starts
+        distill.main(["dmd2", "--out", str(tmp_path / "x"), "--max-iters", "2", "--edge-starts", "0.3", *common])
     student = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "student")
     assert student.config.guidance_embeds and student.config.in_channels == 9
     # world tuning goes on from that student, with the CFG loss and the world-target loss on its own samples
     distill.main(["world", "--out", str(tmp_path / "world"), "--init", str(tmp_path / "student"), "--export",
-                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", "--world-focus", *common])
+                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", "--world-focus", "--edge-starts", "0.5", *common])
     tuned = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "tuned").state_dict()
     assert any(not torch.equal(p, tuned[k]) for k, p in student.state_dict().items())
     assert '"iter": 1' in (tmp_path / "world" / "curve.json").read_text()

@@ -104,3 +104,6 @@ def test_long_video_eval_reads_back_its_mp4s_for_the_chosen_held_out_set(tmp_pat
     assert [run["caption"] for run in r["runs"]] != [world.caption(s) for s in held_out_specs(2, seed=20_000)]
     assert all(run["frames"] == 16 and (tmp_path / f"long_{i}.mp4").is_file() for i, run in enumerate(r["runs"]))
     assert 0.0 <= r["colour_kept"] <= r["present"] <= 1.0  # a frame with the right colour has a shape present
+    assert 0.0 <= r["shape_kept"] <= r["present"]  # and so does one with the right shape
+    for key in ("colour_kept", "shape_kept", "present"):  # per video, averaging to the overall figure
+        assert np.mean([run[key] for run in r["runs"]]) == pytest.approx(r[key], abs=1e-4)

@@ -61,6 +61,22 @@ def test_draw_skips_excluded_specs_is_deterministic_and_state_round_trips():
         specs_of("triangle", 1)[0])
 
 
+def test_draws_come_from_the_given_sampler_and_edge_starts_keep_their_share():
+    from magic_demo.train.batches import edge_start_sampler
+
+    walls = FailureFocus(sample=lambda rng: world.sample_spec(rng, motion="moves right", bounce_within=0.25))
+    rng = np.random.default_rng(5)
+    assert all(s.motion == "moves right" and s.x0 >= 1 - s.radius - 0.25 * s.speed - 1e-9
+               for s in (walls.draw(rng) for _ in range(50)))
+    draw, rng = edge_start_sampler(0.3, bounce_within=0.25), np.random.default_rng(6)
+    specs = [s for s in (draw(rng) for _ in range(2000)) if s.motion in ("moves right", "moves left")]
+    ahead = [1 - s.radius - s.x0 if s.motion == "moves right" else s.x0 - s.radius for s in specs]  # to the wall
+    at_wall = [d <= 0.25 * s.speed + 1e-9 for d, s in zip(ahead, specs)]
+    assert 0.25 < np.mean(at_wall) < 0.35  # 30% drawn at the wall (plain clips never start there)
+    with pytest.raises(ValueError, match="fraction must be in \\[0, 1\\], got 1.5"):
+        edge_start_sampler(1.5)
+
+
 @pytest.mark.parametrize("kwargs, message", [({"decay": 0.0}, "`decay` must be in \\(0, 1\\], got 0.0"),
                                              ({"floor": 0}, "`floor` must be > 0, got 0")])
 def test_bad_settings_are_refused(kwargs, message):

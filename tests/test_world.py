@@ -63,6 +63,29 @@ def test_bounce_keeps_shape_inside():
         assert (steps > 0).any() and (steps < 0).any()  # it came back
 
 
+def _first_bounce_s(spec, fps=8, seconds=4):
+    """Seconds until the shape's motion along its captioned axis first reverses (None: it never does)."""
+    axis = 0 if spec.motion in ("moves left", "moves right") else 1
+    steps = np.diff(world.trajectory(spec, fps * seconds, fps)[:, axis])
+    sign = world.MOTIONS[spec.motion][axis]
+    turned = np.flatnonzero(np.sign(steps) != sign)
+    return turned[0] / fps if len(turned) else None
+
+
+def test_clips_lead_with_the_captioned_motion_unless_asked_to_start_at_the_wall():
+    moving = [m for m in world.MOTIONS if m != "stays still"]
+    plain = [world.sample_spec(np.random.default_rng(s), motion=moving[s % 4]) for s in range(100)]
+    assert all(b is None or b >= world.LEAD_SECONDS - 1 / 8 for b in map(_first_bounce_s, plain))
+    edge = [world.sample_spec(np.random.default_rng(s), motion=moving[s % 4], bounce_within=0.5) for s in range(100)]
+    bounces = [_first_bounce_s(s) for s in edge]
+    assert all(b is not None and b <= 0.5 + 1 / 8 for b in bounces)  # at the wall within half a second
+    assert min(bounces) == 0.0  # some start touching it
+    still = world.sample_spec(0, motion="stays still", bounce_within=0.5)  # no wall to move toward: as before
+    assert still == world.sample_spec(0, motion="stays still")
+    with pytest.raises(ValueError, match="bounce_within must be >= 0 seconds, got -1"):
+        world.sample_spec(0, bounce_within=-1)
+
+
 def test_speed_within_range():
     for seed in range(100):
         spec = world.sample_spec(seed)

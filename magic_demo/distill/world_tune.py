@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from magic_demo import world
-from magic_demo.evaluate import shape_present
+from magic_demo.evaluate import shape_kept
 from magic_demo.autoencoder import decode_latents, video_to_uint8
 from magic_demo.sampling import build_sigmas, sample_euler
 from magic_demo.train.batches import TrainBatch, velocity, weighted_mse
@@ -63,8 +63,7 @@ def frames_wrong(pictures: np.ndarray, wanted: list[tuple[str, str]]) -> np.ndar
     for clip, (shape, colour) in zip(pictures, wanted):
         bg = world.estimate_background(clip[0])
         found = [world.find_shape(f, bg) for f in clip]
-        out.append(np.mean([not (shape_present(d, f.shape[0] * f.shape[1])
-                                 and world.classify_shape(d["mask"]) == shape
+        out.append(np.mean([not (shape_kept(d, f.shape[0] * f.shape[1], shape)
                                  and world.classify_colour(d["colour"]) == colour) for d, f in zip(found, clip)]))
     return np.asarray(out, np.float64)
 

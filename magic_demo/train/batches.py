@@ -29,6 +29,20 @@ class TrainBatch:
         return TrainBatch(self.x0, self.cond, embeds, mask, pooled)
 
 
+def edge_start_sampler(fraction: float, bounce_within: float = 1.0) -> Callable[[np.random.Generator], world.ClipSpec]:
+    """A spec sampler that draws `fraction` of its clips with the shape reaching the wall it moves toward within
+    `bounce_within` seconds (`world.sample_spec(bounce_within=...)`), the rest as `world.sample_spec` does. Plain
+    clips never start there, but a sliding window's later windows do: the captioned motion pushes the shape into
+    the wall, and a model that never saw it breaks the shape up there."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+
+    def draw(rng: np.random.Generator) -> world.ClipSpec:
+        return world.sample_spec(rng, bounce_within=bounce_within if rng.random() < fraction else None)
+
+    return draw
+
+
 def step_specs(step: int, batch: int, seed: int,
                draw_spec: Callable[[np.random.Generator], world.ClipSpec] = world.sample_spec) -> list[world.ClipSpec]:
     """The specs of a step's clips: the same `sample_clips` renders (it draws them first from the same rng)."""

@@ -31,7 +31,7 @@ from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
 from magic_demo.distill.world_tune import world_tune_loss
-from magic_demo.train.batches import encode_batch, sample_clips, shape_loss_weights, step_specs
+from magic_demo.train.batches import edge_start_sampler, encode_batch, sample_clips, shape_loss_weights, step_specs
 from magic_demo.train.focus import FailureFocus
 from magic_demo.train.i2v import learning_rate
 
@@ -52,6 +52,9 @@ def main(argv=None) -> None:
     p.add_argument("--decoder-lr", type=float, default=0.0,
                    help="world: also train the VAE's decoder with the world-target loss at this lr (0: frozen; the "
                         "encoder stays frozen); the whole VAE is saved to <out>/vae")
+    p.add_argument("--edge-starts", type=float, default=0.0,
+                   help="cfg/world: fraction of clips that start with the shape reaching the wall it moves toward "
+                        "within a second (`train.batches.edge_start_sampler`), as a sliding window's later windows do")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
@@ -85,6 +88,8 @@ def main(argv=None) -> None:
         p.error(f"--shape-weight is for cfg and world and must be >= 1, got {args.shape_weight} for {args.recipe}")
     if args.anneal and (not student_recipe or args.max_iters == p.get_default("max_iters")):
         p.error("--anneal is for cfg and world and needs --max-iters (the iteration the decay ends at)")
+    if args.edge_starts and (not student_recipe or not 0 < args.edge_starts <= 1):
+        p.error(f"--edge-starts is for cfg and world and must be in (0, 1], got {args.edge_starts} for {args.recipe}")
     if (args.init is not None or args.world_weight != 1 or args.world_focus or args.decoder_lr) and args.recipe != "world":
         p.error("--init, --world-weight, --world-focus and --decoder-lr are for the world recipe")
     if args.recipe == "world" and args.guidance is None:
@@ -126,8 +131,9 @@ def main(argv=None) -> None:
         dmd = DMD2(base, sigmas, DMD2Config(guidance_scale=args.guidance), lr_fake=args.lr_fake, lr_g=args.lr)
         trained = dmd.generator
     it = 0
-    focus = FailureFocus(keys=("shape", "background")) if args.world_focus else None
-    draw_spec = focus.draw if focus is not None else world.sample_spec
+    sample = edge_start_sampler(args.edge_starts) if args.edge_starts else world.sample_spec
+    focus = FailureFocus(keys=("shape", "background"), sample=sample) if args.world_focus else None
+    draw_spec = focus.draw if focus is not None else sample
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if student_recipe:

@@ -4,7 +4,7 @@ The world-target losses give (almost) no gradient where a sample is already righ
 most of the costly differentiable sampling teaches nothing: the shipped T2I model draws 97% of captions on black
 right and half of those on gray wrong. `FailureFocus` keeps each group's (by default shape, colour and background)
 failure rate as decayed counts of the tuner's own recent samples, with a Beta(1, 1) prior so an unseen group counts
-as 50%, and draws specs from `world.sample_spec` by rejection with probability proportional to `floor` plus the
+as 50%, and draws specs from `sample` (default `world.sample_spec`) by rejection with probability proportional to `floor` plus the
 group's rate, so every group keeps at least floor / (floor + 1) of its uniform share.
 """
 
@@ -23,6 +23,7 @@ class FailureFocus:
     keys: tuple[str, ...] = ("shape", "colour", "background")  # ClipSpec fields that make a group
     decay: float = 0.99  # per update (training step): the counts reflect the last ~1 / (1 - decay) steps
     floor: float = 0.1
+    sample: Callable[[np.random.Generator], world.ClipSpec] = world.sample_spec  # the specs drawn before rejection
     fails: dict[str, float] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)
 
@@ -44,7 +45,7 @@ class FailureFocus:
              exclude: Callable[[world.ClipSpec], bool] = lambda spec: False) -> world.ClipSpec:
         """One spec, its group drawn with probability proportional to floor + rate (skipping `exclude`d specs)."""
         while True:
-            spec = world.sample_spec(rng)
+            spec = self.sample(rng)
             if not exclude(spec) and rng.random() * (self.floor + 1.0) < self.floor + self.rate(spec):
                 return spec
 
