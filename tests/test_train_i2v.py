@@ -237,14 +237,17 @@ def test_condition_noise_touches_only_the_conditioning_latents_of_image_rows(tin
     assert 0.3 < changed < 0.7  # about half of the image rows
 
 
-def test_condition_noise_training_runs_and_refuses_negative_values(tmp_path, capsys):
+def test_condition_noise_and_edge_start_training_run_and_refuse_bad_values(tmp_path, capsys):
     vae = tiny_vae_folder(tmp_path / "vae")
     common = ["--out", str(tmp_path / "run"), "--vae", str(vae), "--batch", "2", "--frames", "5", "--size", "32",
               "--eval-clips", "1", "--config", "test", "--warmup", "1"]
     with pytest.raises(SystemExit):
         i2v.main(common + ["--condition-noise", "-0.1"])
     assert "--condition-noise must be >= 0, got -0.1" in capsys.readouterr().err
-    i2v.main(common + ["--max-steps", "2", "--condition-noise", "0.5"])
+    with pytest.raises(SystemExit):
+        i2v.main(common + ["--edge-starts", "1.5"])
+    assert "--edge-starts must be in [0, 1], got 1.5" in capsys.readouterr().err
+    i2v.main(common + ["--max-steps", "2", "--condition-noise", "0.5", "--edge-starts", "0.5"])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
 
 

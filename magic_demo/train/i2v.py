@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magic_demo import world
 from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components, save_components
 from magic_demo.sampling import make_scheduler
-from magic_demo.train.batches import (encode_batch, noise_condition, noise_levels, sample_clips, shape_loss_weights,
-                                      velocity, weighted_mse)
+from magic_demo.train.batches import (edge_start_sampler, encode_batch, noise_condition, noise_levels, sample_clips,
+                                      shape_loss_weights, velocity, weighted_mse)
 from magic_demo.tiny import (TinyConfig, build_clip_text, build_image_processor, build_text_encoder, build_transformer,
                              build_word_tokenizer)
 
@@ -87,6 +88,9 @@ def main(argv=None) -> None:
     p.add_argument("--condition-noise", type=float, default=0.0,
                    help="noise half of the conditioning image latents with std ~ U(0, this) (batches.noise_condition): "
                         "robustness to the model's own frames conditioning the next window (0: off)")
+    p.add_argument("--edge-starts", type=float, default=0.0,
+                   help="fraction of clips that start with the shape reaching the wall it moves toward within a second "
+                        "(batches.edge_start_sampler), as a sliding window's later windows do (0: off)")
     p.add_argument("--ckpt-minutes", type=float, default=5)
     p.add_argument("--eval-clips", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -102,11 +106,14 @@ def main(argv=None) -> None:
         p.error(f"--shape-weight must be >= 1, got {args.shape_weight}")
     if args.condition_noise < 0:
         p.error(f"--condition-noise must be >= 0, got {args.condition_noise}")
+    if not 0 <= args.edge_starts <= 1:
+        p.error(f"--edge-starts must be in [0, 1], got {args.edge_starts}")
     if args.init and args.init_blocks:
         p.error("--init and --init-blocks exclude each other (--init continues a teacher, --init-blocks starts one)")
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
+    draw_spec = edge_start_sampler(args.edge_starts) if args.edge_starts else world.sample_spec
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "a", buffering=1)
@@ -198,7 +205,7 @@ def main(argv=None) -> None:
         if batch is None or echoed == args.echo:
             text_only = (torch.rand(args.batch, generator=gen) < args.image_dropout).tolist()
             video, captions, firsts = sample_clips(step, args.batch, args.frames, args.size, args.fps, args.seed,
-                                                   args.text_dropout)
+                                                   args.text_dropout, draw_spec)
             batch = encode_batch(pipe, video, captions, firsts, text_only=text_only)
             weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             echoed, encoded = 0, encoded + 1
