@@ -172,7 +172,7 @@ def _table1(args: argparse.Namespace) -> list[dict]:
     from magic_demo.distill.report import TEACHER_STEPS, Setting, table1, write_table1
     from magic_demo.presets import load_pipeline
 
-    teacher, student8, student4 = (get_preset(n) for n in ("mini-teacher", "mini-8step", "mini"))
+    teacher, student8, student4 = (get_preset(n) for n in ("mini-x8-teacher", "mini-x8-8step", "mini-x8"))
     t_pipe = load_pipeline(teacher, quantize=args.quantize)
     settings = [Setting("data (rendered clips)", None, 0)]
     settings += [Setting(f"teacher Euler {n} steps, CFG {teacher.true_cfg_scale:g}", t_pipe, n,

@@ -1,7 +1,7 @@
 """Model presets: plain configs naming where the components come from and the video defaults.
 
 * `tiny-random` builds seeded random components in code (tests; its video is noise).
-* `mini` loads the miniature models trained here on CPU (assets/mini).
+* `mini` loads the miniature models trained here on CPU (assets/mini_x4; `mini-x8`: the first ones, assets/mini).
 * GPU presets load a diffusers-format checkpoint of the HunyuanVideo-I2V architecture from a local folder or a
   Hugging Face hub id (downloaded on the user's machine), with subfolders transformer/, vae/, text_encoder/,
   tokenizer/, text_encoder_2/, tokenizer_2/, image_processor/, scheduler/. A folder may also hold pre-quantized
@@ -90,9 +90,13 @@ def _turbo_text_to_image():
 
 _REAL = dict(width=960, height=544, buckets=REAL_BUCKETS, fps=24, window_frames=81, seconds=5.0,
              prompt_template=HUNYUAN_I2V_TEMPLATE, text_to_image=_turbo_text_to_image, offload=True, vae_tiling=True)
-_MINI = dict(path=ASSETS / "mini", width=64, height=64, buckets=((64, 64),), fps=8, window_frames=17, seconds=4.0,
-             text_to_image=_mini_text_to_image, gallery_index=ASSETS / "gallery_index")
-_MINI_X4 = {**_MINI, "path": ASSETS / "mini_x4"}  # the same world and video defaults, the x4-VAE models
+# The miniature world's video defaults; `mini` runs the models on the x4 VAE (16x16 latents, assets/mini_x4), whose
+# T2I first-frame model and retrieval gallery are the first models' (assets/mini/t2i, assets/mini/clip): both take
+# and give pixels. `mini-x8*` are the first miniature models (x8 VAE, 8x8 latents, assets/mini), kept for the
+# Table 1 comparison and the measurements made with them.
+_MINI_X8 = dict(path=ASSETS / "mini", width=64, height=64, buckets=((64, 64),), fps=8, window_frames=17, seconds=4.0,
+                text_to_image=_mini_text_to_image, gallery_index=ASSETS / "gallery_index")
+_MINI = {**_MINI_X8, "path": ASSETS / "mini_x4"}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -100,19 +104,17 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-random", "seeded random tiny components built in code (tests; output is noise)",
                build=_tiny_random, width=32, height=32, buckets=((32, 32),), fps=8, window_frames=9, seconds=2.0,
                text_to_image=_tiny_text_to_image, gallery_index=ASSETS / "gallery_index"),
-        Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini); the 4-step "
-               "student: the teacher CFG-distilled, run at 4 steps with guidance input 1 (see "
-               "assets/mini/training.json)", guidance_scale=1.0, **_MINI),
-        Preset("mini-8step", "the miniature 8-step DMD2 student (Table 1 comparison)", steps=8, guidance_scale=3.0,
-               transformer_folder="student_8step", **_MINI),
-        Preset("mini-teacher", "the undistilled miniature teacher: Euler with two-pass CFG (Table 1 comparison)",
+        Preset("mini", "miniature models trained on CPU on the procedural shapes world (assets/mini_x4: x4 VAE, "
+               "16x16 latents); the 4-step student: the teacher CFG-distilled and tuned on its own 4-step samples, run "
+               "at 4 steps with guidance input 1 (see assets/mini_x4/TRAINING.md)", guidance_scale=1.0, **_MINI),
+        Preset("mini-teacher", "the undistilled miniature teacher (assets/mini_x4/teacher): Euler with two-pass CFG",
                steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI),
-        Preset("mini-x4", "the next miniature models, in training, on a x4 VAE (16x16 latents; assets/mini_x4): the "
-               "x4 teacher CFG-distilled and tuned on its own 4-step samples, guidance input 1", guidance_scale=1.0,
-               **_MINI_X4),
-        Preset("mini-x4-teacher", "the next miniature teacher, on a x4 VAE (16x16 latents; assets/mini_x4, in "
-               "training): Euler with two-pass CFG", steps=16, true_cfg_scale=4.0, transformer_folder="teacher",
-               **_MINI_X4),
+        Preset("mini-x8", "the first miniature models (assets/mini: x8 VAE, 8x8 latents), their 4-step student, "
+               "guidance input 1 (see assets/mini/training.json)", guidance_scale=1.0, **_MINI_X8),
+        Preset("mini-x8-8step", "the first miniature models' 8-step DMD2 student (Table 1 comparison)", steps=8,
+               guidance_scale=3.0, transformer_folder="student_8step", **_MINI_X8),
+        Preset("mini-x8-teacher", "the first miniature models' undistilled teacher: Euler with two-pass CFG (Table 1 "
+               "comparison)", steps=16, true_cfg_scale=4.0, transformer_folder="teacher", **_MINI_X8),
         Preset("hunyuan-i2v", "HunyuanVideo-I2V (diffusers format, 33-channel latent_concat), 50 Euler steps: "
                "the undistilled base", path=os.environ.get("HUNYUAN_I2V_PATH", "hunyuanvideo-community/HunyuanVideo-I2V"),
                steps=50, gpu_memory_gib=24.0, **_REAL),

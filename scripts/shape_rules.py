@@ -53,7 +53,7 @@ def disagreement_picture(groups: dict, rows: int = 4, per_row: int = 10, seed: i
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--preset", default="mini-x8")
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)

@@ -93,7 +93,7 @@ def test_world_targets_run_fine_tunes_the_shipped_decoder_towards_rendered_pictu
         assert torch.allclose(a, b, atol=1e-6)
     assert "den_class_agree" in (out / "log.txt").read_text().split("exported")[1]
     metrics = json.loads((exp / "metrics.json").read_text())
-    assert (metrics["targets"], metrics["init"], metrics["latents_from"]) == ("world", "assets/mini/vae", "mini")
+    assert (metrics["targets"], metrics["init"], metrics["latents_from"]) == ("world", "assets/mini/vae", "mini-x8")
 
 
 def test_spec_for_image_reads_shade_and_size_off_a_picture_and_takes_classes_from_the_caption():

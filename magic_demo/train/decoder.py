@@ -202,7 +202,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default="", help="start from this VAE folder's decoder (same width; '' = fresh)")
     p.add_argument("--targets", choices=("teacher", "world"), default="teacher",
                    help="teacher: the teacher decoder's frames; world: clean world pictures (see world_targets)")
-    p.add_argument("--preset", default="mini", help="the preset whose transformer denoises the training windows, "
+    p.add_argument("--preset", default="mini-x8", help="the preset whose transformer denoises the training windows, "
                                                      "or t2i: images of the mini T2I model (--windows of them)")
     p.add_argument("--channels", type=int, default=12)
     p.add_argument("--blocks", default="3,3,3,1", help="decoder blocks per level (low to high resolution)")

@@ -42,7 +42,7 @@ def encoder_latents(teacher: AutoencoderTiny, clips: int, frames: int, seed: int
 
 
 @torch.inference_mode()
-def denoised_latents(windows: int, seed: int, preset: str = "mini", num_frames: int = 17, chain: int = 1):
+def denoised_latents(windows: int, seed: int, preset: str = "mini-x8", num_frames: int = 17, chain: int = 1):
     """Latents of windows denoised by a preset's transformer (its own steps and guidance) from world first frames
     and captions: ([N, C, h, w] raw, the spec of each window). With `chain` > 1 each first frame starts a video of
     that many windows made as the app makes them (prompt encoded once, each later window conditioned on the previous
