@@ -33,9 +33,12 @@ def edge_start_sampler(fraction: float, bounce_within: float = 1.0) -> Callable[
     """A spec sampler that draws `fraction` of its clips with the shape reaching the wall it moves toward within
     `bounce_within` seconds (`world.sample_spec(bounce_within=...)`), the rest as `world.sample_spec` does. Plain
     clips never start there, but a sliding window's later windows do: the captioned motion pushes the shape into
-    the wall, and a model that never saw it breaks the shape up there."""
+    the wall, and a model that never saw it breaks the shape up there. A fraction of 0 gives `world.sample_spec`
+    itself, so the clips (and the rng stream) are those of a run without edge starts."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    if fraction == 0:
+        return world.sample_spec
 
     def draw(rng: np.random.Generator) -> world.ClipSpec:
         return world.sample_spec(rng, bounce_within=bounce_within if rng.random() < fraction else None)

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from magic_demo import world
 from magic_demo.distill.cfg import CFGDistillConfig, cfg_distill_loss, student_from_teacher
 from magic_demo.distill.dmd2 import DMD2, DMD2Config
 from magic_demo.evaluate import evaluate_i2v
@@ -131,7 +130,7 @@ def main(argv=None) -> None:
         dmd = DMD2(base, sigmas, DMD2Config(guidance_scale=args.guidance), lr_fake=args.lr_fake, lr_g=args.lr)
         trained = dmd.generator
     it = 0
-    sample = edge_start_sampler(args.edge_starts) if args.edge_starts else world.sample_spec
+    sample = edge_start_sampler(args.edge_starts)
     focus = FailureFocus(keys=("shape", "background"), sample=sample) if args.world_focus else None
     draw_spec = focus.draw if focus is not None else sample
     if ckpt.is_file():

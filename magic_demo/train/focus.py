@@ -4,8 +4,8 @@ The world-target losses give (almost) no gradient where a sample is already righ
 most of the costly differentiable sampling teaches nothing: the shipped T2I model draws 97% of captions on black
 right and half of those on gray wrong. `FailureFocus` keeps each group's (by default shape, colour and background)
 failure rate as decayed counts of the tuner's own recent samples, with a Beta(1, 1) prior so an unseen group counts
-as 50%, and draws specs from `sample` (default `world.sample_spec`) by rejection with probability proportional to `floor` plus the
-group's rate, so every group keeps at least floor / (floor + 1) of its uniform share.
+as 50%, and draws specs from `sample` (default `world.sample_spec`) by rejection with probability proportional to
+`floor` plus the group's rate, so every group keeps at least floor / (floor + 1) of its uniform share.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magic_demo import world
 from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components, save_components
@@ -113,7 +112,7 @@ def main(argv=None) -> None:
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
-    draw_spec = edge_start_sampler(args.edge_starts) if args.edge_starts else world.sample_spec
+    draw_spec = edge_start_sampler(args.edge_starts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "a", buffering=1)
