@@ -10,7 +10,7 @@ from PIL import Image
 from magic_demo import world
 from magic_demo.distill.cfg import cfg_distill_loss, student_from_teacher
 from magic_demo.distill.dmd2 import DMD2, DMD2Config
-from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.pipeline import MagicI2VPipeline, PromptEmbeds
 from magic_demo.presets import Preset, load_pipeline
 from magic_demo.sampling import build_sigmas, make_scheduler
 from magic_demo.tiny import build_tiny_components
@@ -160,6 +160,37 @@ def test_world_tune_samples_as_the_pipeline_does_and_trains_only_the_student():
     assert all(p.grad is None for p in pipe.vae.parameters())
 
 
+def test_chained_rows_are_second_windows_started_from_the_students_own_last_frame():
+    from magic_demo.distill.world_tune import chain_windows, next_window_starts
+    from magic_demo.windows import match_colours
+
+    torch.manual_seed(0)
+    comps = build_tiny_components(seed=0)
+    student = student_from_teacher(comps.pop("transformer"))
+    pipe = MagicI2VPipeline(transformer=student, **comps)
+    video, captions, firsts = sample_clips(step=3, batch=3, frames=9, size=32, fps=8, seed=0, dropout=0.0)
+    sigmas, _ = build_sigmas(make_scheduler(), 4)
+    out, starts = chain_windows(student, pipe, video, captions, firsts, 2, 5, sigmas, 1.0,
+                                torch.Generator().manual_seed(4))
+    assert out.shape == (3, 3, 5, 32, 32) and starts[2] is None
+    assert torch.equal(out[:2], video[:2, :, 4:]) and torch.equal(out[2], video[2, :, :5])  # the world goes on
+    # the start frames are the last frames of the student's first windows, colour-matched as the app does
+    first = encode_batch(pipe, video[:2, :, :5], captions[:2], firsts[:2])
+    sample = pipe.denoise(first.cond[:1], PromptEmbeds(first.embeds[:1], first.mask[:1], first.pooled[:1]), 4,
+                          torch.Generator().manual_seed(9), 1.0)
+    again = next_window_starts(student, pipe.vae, dataclasses.replace(
+        first, x0=first.x0[:1], cond=first.cond[:1], embeds=first.embeds[:1], mask=first.mask[:1],
+        pooled=first.pooled[:1]), sigmas, 1.0, torch.Generator().manual_seed(9), firsts[:1])[0]
+    expected = match_colours(pipe.decode(sample)[-1].numpy(), np.asarray(firsts[0]))
+    assert np.abs(np.asarray(again).astype(int) - expected).max() <= 1
+    # chained rows are conditioned on their start frame; the VLM still sees the video's first frame
+    batch = encode_batch(pipe, out, captions, firsts, None, starts)
+    plain = encode_batch(pipe, out, captions, firsts)
+    assert torch.allclose(batch.cond[0, :, :1][None, :-1], pipe.encode_image(starts[0]), atol=1e-6)
+    assert torch.equal(batch.cond[2], plain.cond[2]) and torch.equal(batch.embeds, plain.embeds)
+    assert not torch.equal(batch.cond[0], plain.cond[0])
+
+
 def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     from diffusers import AutoencoderTiny, HunyuanVideoTransformer3DModel
 
@@ -187,7 +218,8 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     assert student.config.guidance_embeds and student.config.in_channels == 9
     # world tuning goes on from that student, with the CFG loss and the world-target loss on its own samples
     distill.main(["world", "--out", str(tmp_path / "world"), "--init", str(tmp_path / "student"), "--export",
-                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", "--world-focus", "--edge-starts", "0.5", *common])
+                  str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", "--world-focus", "--edge-starts", "0.5",
+                  "--chain", "1", *common])
     tuned = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "tuned").state_dict()
     assert any(not torch.equal(p, tuned[k]) for k, p in student.state_dict().items())
     assert '"iter": 1' in (tmp_path / "world" / "curve.json").read_text()
@@ -198,6 +230,8 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "student"), *common])
     with pytest.raises(SystemExit):  # and so is the failure focus
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--world-focus", *common])
+    with pytest.raises(SystemExit):  # and the chained windows
+        distill.main(["cfg", "--out", str(tmp_path / "x"), "--chain", "0.5", *common])
     # --decoder-lr trains the decoder with the student and saves the whole VAE (encoder unchanged) to <out>/vae
     distill.main(["world", "--out", str(tmp_path / "wdec"), "--init", str(tmp_path / "student"), "--max-iters", "1",
                   "--decoder-lr", "1e-3", *common])

@@ -66,6 +66,18 @@ def test_world_targets_redraw_a_blurred_recoloured_shape_where_it_is_and_keep_fr
     assert np.array_equal(target[2], made[2])  # nothing to redraw: the decoded frame is kept
 
 
+def test_world_targets_redraw_a_sliver_at_the_wall_as_the_whole_shape_touching_it():
+    for shape in world.SHAPES:
+        spec = world.sample_spec(11, shape=shape, colour="red", motion="moves left", background="black")
+        lo = spec.radius
+        whole = world.render_at(spec, [(lo, 0.5)])  # the shape touching the left wall, as the world bounces it
+        cut = world.render_at(spec, [(0.35 * lo, 0.5)])  # pushed into the wall: about a third of it cut off
+        target = dd.world_targets(cut, spec)
+        assert np.abs(target.astype(int) - whole).mean() < 1.0, shape
+        found = world.find_shape(target[0], np.asarray(spec.bg_rgb))
+        assert world.classify_shape(found["mask"]) == shape
+
+
 def test_render_at_draws_the_shape_centred_where_asked():
     spec = world.sample_spec(5, shape="circle")
     frame = world.render_at(spec, [(0.3, 0.6)])[0]

@@ -119,13 +119,21 @@ def neutral_image(size: tuple[int, int]) -> Image.Image:
 
 @torch.no_grad()
 def encode_batch(pipe, video: torch.Tensor, captions: list[str], firsts: list[Image.Image],
-                 text_only: Optional[Sequence[bool]] = None) -> TrainBatch:
+                 text_only: Optional[Sequence[bool]] = None,
+                 condition_images: Optional[Sequence[Optional[Image.Image]]] = None) -> TrainBatch:
     """Latents, conditioning and text embeddings (cloned out of inference mode so autograd may use them).
-    Rows flagged `text_only` are text-to-video: image latent and mask zeroed, the VLM shown `neutral_image`."""
+    Rows flagged `text_only` are text-to-video: image latent and mask zeroed, the VLM shown `neutral_image`.
+    A row with a `condition_images` entry is conditioned on that picture instead of its clip's frame 0, while the
+    VLM still sees `firsts`: a sliding window's later windows (the previous window's last frame in the latent
+    concat, the video's first frame in the image tokens)."""
     text_only = list(text_only) if text_only is not None else [False] * len(firsts)
     x0 = encode_video(pipe.vae, video)
     emb = pipe.encode_prompt(captions, [neutral_image(f.size) if t else f for f, t in zip(firsts, text_only)])
-    cond = pipe.prepare_condition(x0[:, :, :1], x0.shape[2])
+    image_latents = x0[:, :, :1]
+    if condition_images is not None:
+        image_latents = torch.cat([x0[i:i + 1, :, :1] if image is None else pipe.encode_image(image)
+                                   for i, image in enumerate(condition_images)])
+    cond = pipe.prepare_condition(image_latents, x0.shape[2])
     cond[torch.tensor(text_only, dtype=torch.bool)] = 0
     return TrainBatch(x0.clone(), cond.clone(), emb.embeds.clone(), emb.mask.clone(), emb.pooled.clone())
 

@@ -117,7 +117,8 @@ def spec_for_image(frame: np.ndarray, text: str) -> world.ClipSpec | None:
 
 def world_targets(frames: np.ndarray, spec: world.ClipSpec) -> np.ndarray:
     """Clean pictures of what a denoised window shows: the spec's shape (its shade, size, shape class and
-    background) drawn wherever the decoded frame [T, H, W, 3] has its shape; frames without a plausible shape are
+    background) drawn wherever the decoded frame [T, H, W, 3] has its shape (moved off the wall where the frame
+    edge would cut it); frames without a plausible shape are
     kept as decoded. A decoder trained towards these learns to draw the denoiser's latents, errors included, as
     world pictures (corners, one colour, no stray blobs) instead of as the blobs a plain decoder makes of them."""
     size = frames.shape[2]
@@ -134,7 +135,10 @@ def world_targets(frames: np.ndarray, spec: world.ClipSpec) -> np.ndarray:
         cx, cy = (xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size
         if spec.shape == "triangle":  # its centroid lies a third of the half extent below its box centre
             cy -= spec.radius / 3
-        out[t] = world.render_at(spec, [(cx, cy)], size)[0]
+        # in the world a shape bounces off the wall whole (`world.trajectory`): a sliver pressed against the frame
+        # edge is redrawn as the whole shape touching that wall, not as a shape cut in half by it
+        lo, hi = spec.radius, 1.0 - spec.radius
+        out[t] = world.render_at(spec, [(np.clip(cx, lo, hi), np.clip(cy, lo, hi))], size)[0]
     return out
 
 

@@ -8,7 +8,8 @@
 (the CFG student when --base points at it, else the teacher) into a `--steps`-step generator on the Magic
 1-For-1 sigmas. `world` goes on training a CFG-distilled student (--init, default <preset-dir>/transformer) with
 the CFG-distillation loss plus `--world-weight` times the world-target loss on its own `--steps`-step samples
-(distill/world_tune.py). All resume from --out and export the trained transformer to --export (a diffusers folder).
+(distill/world_tune.py); `--chain F` makes that share of its clips second windows of a sliding window, conditioned on
+the student's own last frame. All resume from --out and export the trained transformer to --export (a diffusers folder).
 `--t2v` trains and evaluates without the first frame (`encode_batch(text_only=...)`: the paper's T2V
 comparison, Fig. 5).
 """
@@ -29,7 +30,7 @@ from magic_demo.evaluate import evaluate_i2v
 from magic_demo.pipeline import MagicI2VPipeline
 from magic_demo.presets import load_components
 from magic_demo.sampling import build_sigmas, make_scheduler
-from magic_demo.distill.world_tune import world_tune_loss
+from magic_demo.distill.world_tune import chain_windows, world_tune_loss
 from magic_demo.train.batches import edge_start_sampler, encode_batch, sample_clips, shape_loss_weights, step_specs
 from magic_demo.train.focus import FailureFocus
 from magic_demo.train.i2v import learning_rate
@@ -54,6 +55,9 @@ def main(argv=None) -> None:
     p.add_argument("--edge-starts", type=float, default=0.0,
                    help="cfg/world: fraction of clips that start with the shape reaching the wall it moves toward "
                         "within a second (`train.batches.edge_start_sampler`), as a sliding window's later windows do")
+    p.add_argument("--chain", type=float, default=0.0,
+                   help="world: fraction of each batch's clips that are second windows, conditioned on the student's "
+                        "own last frame of a first window (`distill.world_tune.chain_windows`)")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
@@ -89,8 +93,11 @@ def main(argv=None) -> None:
         p.error("--anneal is for cfg and world and needs --max-iters (the iteration the decay ends at)")
     if args.edge_starts and (not student_recipe or not 0 < args.edge_starts <= 1):
         p.error(f"--edge-starts is for cfg and world and must be in (0, 1], got {args.edge_starts} for {args.recipe}")
-    if (args.init is not None or args.world_weight != 1 or args.world_focus or args.decoder_lr) and args.recipe != "world":
-        p.error("--init, --world-weight, --world-focus and --decoder-lr are for the world recipe")
+    if (args.init is not None or args.world_weight != 1 or args.world_focus or args.decoder_lr or args.chain) \
+            and args.recipe != "world":
+        p.error("--init, --world-weight, --world-focus, --decoder-lr and --chain are for the world recipe")
+    if not 0 <= args.chain <= 1:
+        p.error(f"--chain must be in [0, 1], got {args.chain}")
     if args.recipe == "world" and args.guidance is None:
         args.guidance = 1.0  # the app's guidance input
     torch.set_num_threads(args.threads)
@@ -159,12 +166,17 @@ def main(argv=None) -> None:
         say(f"iter 0 eval {curve[-1]}")
     t_end = time.time() + 60 * args.minutes
     while time.time() < t_end and it < args.max_iters:
-        video, captions, firsts = sample_clips(10_000 + it, args.batch, args.frames, args.size, args.fps, args.seed,
-                                               0.0, draw_spec)
+        chained = round(args.chain * args.batch)
+        video, captions, firsts = sample_clips(10_000 + it, args.batch, 2 * args.frames - 1 if chained else args.frames,
+                                               args.size, args.fps, args.seed, 0.0, draw_spec)
+        starts = None
+        if chained:
+            video, starts = chain_windows(student, pipe, video, captions, firsts, chained, args.frames, sigmas,
+                                          args.guidance, gen)
         text_only = [args.t2v] * len(captions)
-        batch = encode_batch(pipe, video, captions, firsts, text_only)
+        batch = encode_batch(pipe, video, captions, firsts, text_only, starts)
         if student_recipe:
-            empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only)
+            empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only, starts)
             weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
             loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
             if args.recipe == "world":
