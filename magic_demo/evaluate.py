@@ -166,13 +166,15 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
     """Sliding-window videos (default one minute) from `held_out_specs(n, seed=spec_seed)`, read back from the written
     mp4s: fraction of frames where the shape is present, where it is present with the prompt's colour class, and
     where it is present with the prompt's shape class; per video these three, its caption, frame count, wall time
-    and path."""
+    and path; and shape kept per sliding window (`shape_kept_by_window`: the frames each window added), averaged
+    as `shape_kept_first_window` and `shape_kept_later_windows` (what chaining costs)."""
     from pathlib import Path
 
     from magic_demo.video import VideoRequest, generate_video
     from magic_demo.video_io import read_video
+    from magic_demo.windows import plan_windows
 
-    kept, shaped, present, reports = [], [], [], []
+    kept, shaped, present, reports, first_window, later_windows = [], [], [], [], [], []
     for i, spec in enumerate(held_out_specs(n, seed=spec_seed)):
         image = Image.fromarray(world.render_first_frame(spec, size=size))
         req = VideoRequest(image=image, prompt=world.caption(spec), seconds=seconds, fps=fps, steps=steps, seed=i,
@@ -185,13 +187,22 @@ def evaluate_long_video(pipe, seconds: float = 60.0, fps: int = 8, window_frames
         found = [world.find_shape(f, bg) for f in frames]
         present.append(np.mean([shape_present(d, pixels) for d in found]))
         kept.append(np.mean([colour_kept(d, pixels, spec.colour) for d in found]))
-        shaped.append(np.mean([shape_kept(d, pixels, spec.shape) for d in found]))
+        frame_shaped = np.array([shape_kept(d, pixels, spec.shape) for d in found])
+        shaped.append(frame_shaped.mean())
+        plans = plan_windows(len(frames), window_frames, req.overlap, pipe.geometry.temporal_ratio)
+        by_window = [frame_shaped[(p.start + 1 if p.index else 0):p.end].mean() for p in plans]
+        first_window.append(by_window[0])
+        later_windows.append(frame_shaped[plans[0].end:].mean() if len(plans) > 1 else np.nan)
         reports.append({"caption": world.caption(spec), "frames": len(frames), "wall_s": done.report["wall_s"],
                         "colour_kept": round(float(kept[-1]), 4), "shape_kept": round(float(shaped[-1]), 4),
-                        "present": round(float(present[-1]), 4), "video": str(done.video_path)})
+                        "present": round(float(present[-1]), 4),
+                        "shape_kept_by_window": [round(float(x), 3) for x in by_window], "video": str(done.video_path)})
     return {"videos": n, "seconds": seconds, "steps": steps, "colour_anchor": colour_anchor,
             "colour_kept": round(float(np.mean(kept)), 4), "shape_kept": round(float(np.mean(shaped)), 4),
-            "present": round(float(np.mean(present)), 4), "runs": reports}
+            "present": round(float(np.mean(present)), 4),
+            "shape_kept_first_window": round(float(np.mean(first_window)), 4),
+            "shape_kept_later_windows": round(float(np.nanmean(later_windows)), 4) if len(plans) > 1 else None,
+            "runs": reports}
 
 
 def contact_sheet(videos: list[np.ndarray], every: int = 4, max_frames: int = 12, scale: int = 2) -> Image.Image:

@@ -107,3 +107,11 @@ def test_long_video_eval_reads_back_its_mp4s_for_the_chosen_held_out_set(tmp_pat
     assert 0.0 <= r["shape_kept"] <= r["present"]  # and so does one with the right shape
     for key in ("colour_kept", "shape_kept", "present"):  # per video, averaging to the overall figure
         assert np.mean([run[key] for run in r["runs"]]) == pytest.approx(r[key], abs=1e-4)
+    # two windows: frames 0-8, then 9-15 (window 2 starts on frame 8, the one it is conditioned on)
+    for run in r["runs"]:
+        a, b = run["shape_kept_by_window"]
+        assert (9 * a + 7 * b) / 16 == pytest.approx(run["shape_kept"], abs=2e-3)
+    assert r["shape_kept_first_window"] == pytest.approx(np.mean([run["shape_kept_by_window"][0] for run in r["runs"]]),
+                                                         abs=1e-3)
+    assert r["shape_kept_later_windows"] == pytest.approx(np.mean([run["shape_kept_by_window"][1] for run in r["runs"]]),
+                                                          abs=1e-3)
