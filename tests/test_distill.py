@@ -219,7 +219,7 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     # world tuning goes on from that student, with the CFG loss and the world-target loss on its own samples
     distill.main(["world", "--out", str(tmp_path / "world"), "--init", str(tmp_path / "student"), "--export",
                   str(tmp_path / "tuned"), "--max-iters", "1", "--shape-weight", "4", "--world-focus", "--edge-starts", "0.5",
-                  "--chain", "1", *common])
+                  "--chain", "1", *common])  # every clip a second window: the world loss alone
     tuned = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "tuned").state_dict()
     assert any(not torch.equal(p, tuned[k]) for k, p in student.state_dict().items())
     assert '"iter": 1' in (tmp_path / "world" / "curve.json").read_text()

@@ -178,7 +178,14 @@ def main(argv=None) -> None:
         if student_recipe:
             empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only, starts)
             weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
-            loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
+            if chained:  # second windows learn from the world loss alone: the teacher never saw the student's start
+                # frames, and its velocity from one copies that frame's errors (the drift the chaining is meant to undo)
+                weights = torch.ones(len(video), 1, *batch.x0.shape[2:]) if weights is None else weights.clone()
+                weights[:chained] = 0.0
+            if chained < len(video):
+                loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
+            else:
+                loss, logs = torch.zeros(()), {}
             if args.recipe == "world":
                 specs = step_specs(10_000 + it, args.batch, args.seed, draw_spec)
                 world_loss, world_logs = world_tune_loss(student, comps["vae"], batch, specs, sigmas, args.guidance,
