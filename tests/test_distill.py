@@ -129,15 +129,20 @@ def test_cfg_distill_condition_noise_reaches_the_student_only():
     assert all(torch.equal(x, batch.cond) for x in plain.conds)  # off by default
 
 
+def tiny_student_pipe():
+    """A seeded tiny CFG student (the tiny teacher plus a guidance embedding) and a pipeline around it."""
+    torch.manual_seed(0)
+    comps = build_tiny_components(seed=0)
+    student = student_from_teacher(comps.pop("transformer"))
+    return student, MagicI2VPipeline(transformer=student, **comps)
+
+
 def test_world_tune_samples_as_the_pipeline_does_and_trains_only_the_student():
     from magic_demo.distill.world_tune import sample_with_grad, world_tune_loss
     from magic_demo.pipeline import PromptEmbeds
     from magic_demo.train.batches import step_specs
 
-    torch.manual_seed(0)
-    comps = build_tiny_components(seed=0)
-    student = student_from_teacher(comps.pop("transformer"))
-    pipe = MagicI2VPipeline(transformer=student, **comps)
+    student, pipe = tiny_student_pipe()
     video, captions, firsts = sample_clips(step=0, batch=2, frames=5, size=32, fps=8, seed=0, dropout=0.0)
     specs = step_specs(0, 2, seed=0)
     assert [world.caption(s) for s in specs] == captions  # the specs sample_clips rendered
@@ -164,10 +169,7 @@ def test_chained_rows_are_second_windows_started_from_the_students_own_last_fram
     from magic_demo.distill.world_tune import chain_windows, next_window_starts
     from magic_demo.windows import match_colours
 
-    torch.manual_seed(0)
-    comps = build_tiny_components(seed=0)
-    student = student_from_teacher(comps.pop("transformer"))
-    pipe = MagicI2VPipeline(transformer=student, **comps)
+    student, pipe = tiny_student_pipe()
     video, captions, firsts = sample_clips(step=3, batch=3, frames=9, size=32, fps=8, seed=0, dropout=0.0)
     sigmas, _ = build_sigmas(make_scheduler(), 4)
     out, starts = chain_windows(student, pipe, video, captions, firsts, 2, 5, sigmas, 1.0,
