@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import shutil
 
@@ -148,8 +147,7 @@ def test_world_tune_samples_as_the_pipeline_does_and_trains_only_the_student():
     assert [world.caption(s) for s in specs] == captions  # the specs sample_clips rendered
     batch = encode_batch(pipe, video, captions, firsts)
     sigmas, _ = build_sigmas(make_scheduler(), 4)
-    one = dataclasses.replace(batch, x0=batch.x0[:1], cond=batch.cond[:1], embeds=batch.embeds[:1],
-                              mask=batch.mask[:1], pooled=batch.pooled[:1])
+    one = batch.rows(slice(0, 1))
     sampled = sample_with_grad(student, one, sigmas, 1.0, torch.Generator().manual_seed(5))
     piped = pipe.denoise(one.cond, PromptEmbeds(one.embeds, one.mask, one.pooled), 4, torch.Generator().manual_seed(5),
                          1.0)
@@ -180,9 +178,8 @@ def test_chained_rows_are_second_windows_started_from_the_students_own_last_fram
     first = encode_batch(pipe, video[:2, :, :5], captions[:2], firsts[:2])
     sample = pipe.denoise(first.cond[:1], PromptEmbeds(first.embeds[:1], first.mask[:1], first.pooled[:1]), 4,
                           torch.Generator().manual_seed(9), 1.0)
-    again = next_window_starts(student, pipe.vae, dataclasses.replace(
-        first, x0=first.x0[:1], cond=first.cond[:1], embeds=first.embeds[:1], mask=first.mask[:1],
-        pooled=first.pooled[:1]), sigmas, 1.0, torch.Generator().manual_seed(9), firsts[:1])[0]
+    again = next_window_starts(student, pipe.vae, first.rows(slice(0, 1)), sigmas, 1.0,
+                               torch.Generator().manual_seed(9), firsts[:1])[0]
     expected = match_colours(pipe.decode(sample)[-1].numpy(), np.asarray(firsts[0]))
     assert np.abs(np.asarray(again).astype(int) - expected).max() <= 1
     # chained rows are conditioned on their start frame; the VLM still sees the video's first frame
@@ -228,6 +225,10 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     focus = json.loads(torch.load(tmp_path / "world" / "ckpt.pt", weights_only=True)["focus"])
     assert sum(focus["seen"].values()) == pytest.approx(1.0)  # the one clip of the one iteration, by its group
     assert all(g.split("|")[0] in world.SHAPES and g.split("|")[1] in world.BACKGROUNDS for g in focus["seen"])
+    # half the batch chained: the CFG-distillation loss on the other half only
+    distill.main(["world", "--out", str(tmp_path / "half"), "--init", str(tmp_path / "student"), "--max-iters", "1",
+                  "--chain", "0.5", *common, "--batch", "2"])
+    assert '"iter": 1' in (tmp_path / "half" / "curve.json").read_text()
     with pytest.raises(SystemExit):  # --init is the world recipe's
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "student"), *common])
     with pytest.raises(SystemExit):  # and so is the failure focus

@@ -28,6 +28,9 @@ class TrainBatch:
     def with_text(self, embeds: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> "TrainBatch":
         return TrainBatch(self.x0, self.cond, embeds, mask, pooled)
 
+    def rows(self, index: slice) -> "TrainBatch":
+        return TrainBatch(self.x0[index], self.cond[index], self.embeds[index], self.mask[index], self.pooled[index])
+
 
 def edge_start_sampler(fraction: float, bounce_within: float = 1.0) -> Callable[[np.random.Generator], world.ClipSpec]:
     """A spec sampler that draws `fraction` of its clips with the shape reaching the wall it moves toward within

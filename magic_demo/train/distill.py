@@ -176,14 +176,14 @@ def main(argv=None) -> None:
         text_only = [args.t2v] * len(captions)
         batch = encode_batch(pipe, video, captions, firsts, text_only, starts)
         if student_recipe:
-            empty = encode_batch(pipe, video, [""] * len(captions), firsts, text_only, starts)
-            weights = shape_loss_weights(video, batch.x0.shape, args.shape_weight)
-            if chained:  # second windows learn from the world loss alone: the teacher never saw the student's start
-                # frames, and its velocity from one copies that frame's errors (the drift the chaining is meant to undo)
-                weights = torch.ones(len(video), 1, *batch.x0.shape[2:]) if weights is None else weights.clone()
-                weights[:chained] = 0.0
+            # second windows (the first `chained` rows) learn from the world loss alone: the teacher never saw the
+            # student's start frames, and its velocity from one copies that frame's errors (the drift chaining undoes)
+            plain = slice(chained, None)
             if chained < len(video):
-                loss, logs = cfg_distill_loss(student, base, batch, empty, gen, cfg, weights, args.condition_noise)
+                empty = encode_batch(pipe, video[plain], [""] * (len(video) - chained), firsts[plain], text_only[plain])
+                weights = shape_loss_weights(video[plain], batch.x0.shape, args.shape_weight)
+                loss, logs = cfg_distill_loss(student, base, batch.rows(plain), empty, gen, cfg, weights,
+                                              args.condition_noise)
             else:
                 loss, logs = torch.zeros(()), {}
             if args.recipe == "world":
