@@ -34,7 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
         window_frames=args.window_frames or preset.window_frames, overlap=args.overlap, condition=args.condition,
         colour_anchor=not args.no_colour_anchor,
         guidance_scale=preset.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-        true_cfg_scale=preset.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, extra_report={"preset": preset.name})
+        true_cfg_scale=preset.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale,
+        image_guidance_scale=(preset.image_guidance_scale if args.image_guidance_scale is None
+                              else args.image_guidance_scale), extra_report={"preset": preset.name})
     req.validate()  # fail before loading models
     pipe = load_pipeline(preset, quantize=args.quantize, compile=args.compile)
     bars: dict[str, tqdm] = {}
@@ -110,7 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
                 results[f"i2v_{steps}_steps{suffix}"] = evaluate.evaluate_i2v(
                     pipe, n=args.clips, steps=steps, num_frames=preset.window_frames, fps=preset.fps,
                     size=preset.width, guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale,
-                    colour_anchor=anchor).as_dict()
+                    colour_anchor=anchor, image_guidance_scale=preset.image_guidance_scale).as_dict()
     if "long" in args.what:
         # the preset's own sampler steps, and a folder per preset so two evals can run side by side
         results["long_video"] = evaluate.evaluate_long_video(pipe, seconds=args.seconds, fps=preset.fps,
@@ -118,7 +120,8 @@ def _eval(args: argparse.Namespace) -> int:
                                                              steps=preset.steps, size=preset.width,
                                                              out_dir=f"outputs/eval/{preset.name}",
                                                              guidance_scale=preset.guidance_scale,
-                                                             true_cfg_scale=preset.true_cfg_scale)
+                                                             true_cfg_scale=preset.true_cfg_scale,
+                                                             image_guidance_scale=preset.image_guidance_scale)
         from magic_demo.video_io import read_video
 
         # README figure: one frame per second of the first 12 s of each long video
@@ -133,7 +136,8 @@ def _eval(args: argparse.Namespace) -> int:
                   "generated": lambda text, i: service.generate_first_frame(text, seed=i).image}
         results["routes"] = evaluate.evaluate_first_frame_routes(
             service.pipe, routes, n=args.clips, steps=preset.steps, num_frames=preset.window_frames, fps=preset.fps,
-            guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale)
+            guidance_scale=preset.guidance_scale, true_cfg_scale=preset.true_cfg_scale,
+            image_guidance_scale=preset.image_guidance_scale)
     if "t2i" in args.what:
         from magic_demo.mini_t2i import evaluate_t2i
 
@@ -208,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--true-cfg-scale", type=float, default=None,
                      help="> 1 turns on classic two-pass CFG (default: the preset's)")
+    gen.add_argument("--image-guidance-scale", type=float, default=None,
+                     help="!= 1: one more pass per step, guided toward the first frame (default: the preset's; "
+                          "1 turns it off)")
     gen.add_argument("--quantize", default="int8", choices=QUANTIZE_MODES)
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the transformer (faster windows; the first one compiles, ~30 s on CPU)")

@@ -49,6 +49,13 @@ class PromptEmbeds:
         return PromptEmbeds(self.embeds[i : i + 1], self.mask[i : i + 1], self.pooled[i : i + 1])
 
 
+def neutral_image(size: tuple[int, int]) -> Image.Image:
+    """What the VLM sees for a clip made without its first frame (text-to-video, and image guidance's image-free
+    pass): plain mid-gray, no information. (Masking the image tokens out is not an option: the transformer reads
+    its text mask as a prefix length.)"""
+    return Image.new("RGB", size, (128, 128, 128))
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [1, 3, 1, H, W] in [-1, 1]."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
@@ -170,8 +177,12 @@ class MagicI2VPipeline(DiffusionPipeline):
     def denoise(self, condition: torch.Tensor, prompt: PromptEmbeds, steps: int, generator: torch.Generator,
                 guidance_scale: float = 1.0, true_cfg_scale: float = 1.0, negative: Optional[PromptEmbeds] = None,
                 callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-                should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-        """Sample one window's latents. One transformer forward per step (two only for explicit true CFG)."""
+                should_stop: Optional[Callable[[], bool]] = None, image_guidance_scale: float = 1.0,
+                imageless: Optional[PromptEmbeds] = None) -> torch.Tensor:
+        """Sample one window's latents. One transformer forward per step, one more for explicit true CFG and one
+        more for image guidance: with `image_guidance_scale` s != 1 and `imageless` (the prompt encoded with
+        `neutral_image`), v = v_free + s (v - v_free), where v_free is the velocity without the first frame (zero
+        latent and mask, the teacher's text-to-video rows), as InstructPix2Pix guides toward its input image."""
         c = self.geometry.channels
         shape = (condition.shape[0], c, *condition.shape[2:])
         device, dtype = self.transformer.device, self.compute_dtype
@@ -181,19 +192,23 @@ class MagicI2VPipeline(DiffusionPipeline):
         guidance = None
         if self.has_guidance_input:  # CFG-distilled student: the scale is an input, one pass per step
             guidance = torch.full((shape[0],), guidance_scale * 1000.0, device=device, dtype=dtype)
+        use_image_guidance = image_guidance_scale != 1.0 and imageless is not None
 
-        def forward(x, p: PromptEmbeds, t):
+        def forward(x, p: PromptEmbeds, t, given: torch.Tensor):
             return self.transformer(
-                hidden_states=torch.cat([x.to(dtype), cond], 1), timestep=t, encoder_hidden_states=p.embeds.to(dtype),
+                hidden_states=torch.cat([x.to(dtype), given], 1), timestep=t, encoder_hidden_states=p.embeds.to(dtype),
                 encoder_attention_mask=p.mask, pooled_projections=p.pooled.to(dtype), guidance=guidance,
                 return_dict=False)[0]
 
         def velocity(x, sigma):
             t = (sigma * 1000.0).expand(x.shape[0]).to(device, dtype)
-            v = forward(x, prompt, t)
+            v = forward(x, prompt, t, cond)
             if true_cfg_scale > 1.0 and negative is not None:  # classic two-pass CFG, only when asked
-                v_neg = forward(x, negative, t)
+                v_neg = forward(x, negative, t, cond)
                 v = v_neg + true_cfg_scale * (v - v_neg)
+            if use_image_guidance:
+                v_free = forward(x, imageless, t, torch.zeros_like(cond))
+                v = v_free + image_guidance_scale * (v - v_free)
             return v
 
         return sample_euler(velocity, noise, sigmas.to(device), callback, should_stop)
@@ -214,21 +229,25 @@ class MagicI2VPipeline(DiffusionPipeline):
     def __call__(self, image: Image.Image, prompt: str, num_frames: int, steps: int = 4, seed: int = 0,
                  guidance_scale: float = 1.0, true_cfg_scale: float = 1.0, negative_prompt: str = "",
                  callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None, colour_anchor: bool = True) -> torch.Tensor:
+                 should_stop: Optional[Callable[[], bool]] = None, colour_anchor: bool = True,
+                 image_guidance_scale: float = 1.0) -> torch.Tensor:
         """Generate one clip of `num_frames` frames ([T, H, W, 3] uint8) whose frame 0 follows `image`;
-        `colour_anchor` maps every frame's colours back to the image's (False: the model's raw frames)."""
+        `colour_anchor` maps every frame's colours back to the image's (False: the model's raw frames);
+        `image_guidance_scale` != 1 guides toward the first frame (see `denoise`)."""
         # 1. check inputs
         width, height = image.size if isinstance(image, Image.Image) else (None, None)
         self.check_inputs(image, height, width, num_frames, steps)
         # 2. encode prompt (+ image tokens) and the first frame
         use_cfg = true_cfg_scale > 1.0
         embeds = self.encode_prompt(prompt, image, negative_prompt if use_cfg else None)
+        imageless = self.encode_prompt(prompt, neutral_image(image.size)) if image_guidance_scale != 1.0 else None
         image_latent = self.encode_image(image)
         # 3. prepare conditioning
         condition = self.prepare_condition(image_latent, self.geometry.latent_frames(num_frames))
         # 4. denoise
         generator = torch.Generator().manual_seed(seed)
         latents = self.denoise(condition, embeds.select(0), steps, generator, guidance_scale, true_cfg_scale,
-                               embeds.select(1) if use_cfg else None, callback, should_stop)
+                               embeds.select(1) if use_cfg else None, callback, should_stop, image_guidance_scale,
+                               imageless)
         # 5. decode
         return self.decode(latents, np.asarray(image) if colour_anchor else None)

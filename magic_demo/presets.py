@@ -62,6 +62,7 @@ class Preset:
     vae_tiling: bool = False  # tiled VAE decode (large frames)
     transformer_folder: str = "transformer"  # subfolder holding the denoiser (a preset folder may hold several)
     true_cfg_scale: float = 1.0  # > 1: two-pass CFG by default (an undistilled teacher)
+    image_guidance_scale: float = 1.0  # != 1: one more pass per step, guided toward the first frame (pipeline.denoise)
 
 
 def _tiny_random() -> dict:

@@ -122,7 +122,8 @@ class DemoService:
                            steps=settings.steps, seed=settings.seed, window_frames=p.window_frames,
                            overlap=settings.overlap, colour_anchor=settings.colour_anchor,
                            guidance_scale=p.guidance_scale,
-                           true_cfg_scale=p.true_cfg_scale, width=width, height=height,
+                           true_cfg_scale=p.true_cfg_scale, image_guidance_scale=p.image_guidance_scale,
+                           width=width, height=height,
                            extra_report={"preset": p.name, "first_frame": first_frame.report(),
                                          "quantize": self.quantize})
         req.validate()

@@ -27,7 +27,7 @@ from PIL import Image
 
 from magic_demo.events import (CancelToken, Event, StepFinished, VideoFinished, VideoStarted, WindowFinished,
                                WindowStarted)
-from magic_demo.pipeline import MagicI2VPipeline
+from magic_demo.pipeline import MagicI2VPipeline, neutral_image
 from magic_demo.sampling import MAX_STEPS, Cancelled
 from magic_demo.video_io import SegmentedMp4Writer
 from magic_demo.windows import FrameAssembler, derive_window_seed, plan_windows
@@ -54,6 +54,7 @@ class VideoRequest:
     denoise_threads: Optional[int] = None  # CPU threads for windows 2+ (None: half the cores, see generate_video)
     guidance_scale: float = 1.0  # input of a CFG-distilled transformer (if it has a guidance embedding)
     true_cfg_scale: float = 1.0  # > 1: classic two-pass CFG (explicit opt-in)
+    image_guidance_scale: float = 1.0  # != 1: one more pass per step, guided toward the first frame (pipeline.denoise)
     negative_prompt: str = ""
     height: Optional[int] = None  # default: the image's own size
     width: Optional[int] = None
@@ -88,7 +89,7 @@ class VideoRequest:
             raise ValueError(f"denoise_threads must be None or a positive integer, got {self.denoise_threads!r}")
         if not isinstance(self.colour_anchor, bool):
             raise ValueError(f"colour_anchor must be True or False, got {self.colour_anchor!r}")
-        for name in ("guidance_scale", "true_cfg_scale"):
+        for name in ("guidance_scale", "true_cfg_scale", "image_guidance_scale"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 30:
                 raise ValueError(f"{name} must be a number in [0, 30], got {value!r}")
@@ -159,6 +160,10 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
     use_cfg = req.true_cfg_scale > 1.0
     embeds = pipe.encode_prompt(req.prompt, image, req.negative_prompt if use_cfg else None)
     prompt, negative = embeds.select(0), (embeds.select(1) if use_cfg else None)
+    # Image guidance's image-free pass: the same prompt, the VLM shown no picture (the video's first frame, like
+    # every window's latent conditioning frame, is what it guides toward).
+    imageless = (pipe.encode_prompt(req.prompt, neutral_image(image.size)).select(0)
+                 if req.image_guidance_scale != 1.0 else None)
 
     assembler = FrameAssembler(req.total_frames, req.overlap)
     per_window_s: list[float] = []
@@ -220,7 +225,8 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
                     latents = pipe.denoise(
                         condition, prompt, req.steps, generator, req.guidance_scale, req.true_cfg_scale, negative,
                         callback=lambda i, _x, k=k: emit(StepFinished(k, n, i + 1, req.steps)),
-                        should_stop=lambda: cancel.cancelled)
+                        should_stop=lambda: cancel.cancelled, image_guidance_scale=req.image_guidance_scale,
+                        imageless=imageless)
             except Cancelled:
                 cancelled = True
                 break
@@ -262,7 +268,8 @@ def generate_video(pipe: MagicI2VPipeline, req: VideoRequest, out_path: str | Pa
         time_to_first_window_s=round(first_window_at, 4) if first_window_at is not None else None,
         compute_s_per_video_s=round(wall / (frames_out / req.fps), 4) if frames_out else None,
         peak_rss_mb=round(peak_rss_mb(), 1), quantized=_is_quantized(pipe.transformer), seed=seed,
-        guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale, cancelled=cancelled,
+        guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale,
+        image_guidance_scale=req.image_guidance_scale, cancelled=cancelled,
         video_path=str(video_path) if video_path else None,
     )
     report.update({k: v for k, v in req.extra_report.items() if k != "preset"})

@@ -31,6 +31,21 @@ def test_generate_writes_mp4_and_report(tmp_path, first_frame):
     assert len(read_video(out)[0]) == 24
 
 
+def test_image_guidance_flag_reaches_the_sampler(tmp_path, first_frame):
+    image = tmp_path / "first.png"
+    first_frame.save(image)
+    report = tmp_path / "report.json"
+    done = run_cli("generate", "--preset", "tiny-random", "--image", str(image), "--prompt", "a red circle",
+                   "--seconds", "1", "--steps", "2", "--seed", "3", "--image-guidance-scale", "2",
+                   "--out", str(tmp_path / "o.mp4"), "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    r = json.loads(report.read_text())
+    assert r["image_guidance_scale"] == 2.0 and r["windows"] == 1 and r["transformer_calls"] == 2 * 2
+    done = run_cli("generate", "--preset", "tiny-random", "--image", str(image), "--prompt", "x",
+                   "--image-guidance-scale", "-3", "--out", str(tmp_path / "p.mp4"))
+    assert done.returncode == 2 and "image_guidance_scale must be" in done.stderr
+
+
 def test_bad_arguments_exit_2_with_message(tmp_path, first_frame):
     image = tmp_path / "first.png"
     first_frame.save(image)

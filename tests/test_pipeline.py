@@ -90,6 +90,41 @@ def test_guidance_input_reaches_a_cfg_distilled_transformer(first_frame):
     assert not torch.equal(a, b)
 
 
+def test_image_guidance_extrapolates_from_the_image_free_velocity(tiny_pipe, first_frame):
+    """One Euler step from sigma 1 to 0: x = noise - v, with v = v_free + s (v_image - v_free), v_free the velocity
+    with a zero latent condition and the prompt encoded beside the neutral image."""
+    from magic_demo.pipeline import neutral_image
+
+    prompt = "a red circle moves left"
+    embeds = tiny_pipe.encode_prompt(prompt, first_frame)
+    imageless = tiny_pipe.encode_prompt(prompt, neutral_image(first_frame.size))
+    cond = tiny_pipe.prepare_condition(tiny_pipe.encode_image(first_frame), 3)
+    before = tiny_pipe.calls["transformer"]
+    out = tiny_pipe.denoise(cond, embeds, 1, torch.Generator().manual_seed(0), image_guidance_scale=2.5,
+                            imageless=imageless)
+    assert tiny_pipe.calls["transformer"] - before == 2  # one more forward per step
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+
+    def v(e, c):
+        return tiny_pipe.transformer(hidden_states=torch.cat([noise, c], 1), timestep=torch.tensor([1000.0]),
+                                     encoder_hidden_states=e.embeds, encoder_attention_mask=e.mask,
+                                     pooled_projections=e.pooled, return_dict=False)[0]
+
+    with torch.inference_mode():
+        v_image, v_free = v(embeds, cond), v(imageless, torch.zeros_like(cond))
+    assert not torch.allclose(v_image, v_free, atol=1e-3)  # the first frame matters to the velocity
+    assert torch.allclose(out, noise - (v_free + 2.5 * (v_image - v_free)), atol=1e-5)
+
+
+def test_image_guidance_of_one_is_off(tiny_pipe, first_frame):
+    before = tiny_pipe.calls.copy()
+    a = tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0)
+    b = tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, image_guidance_scale=1.0)
+    assert torch.equal(a, b) and (tiny_pipe.calls - before)["transformer"] == 4
+    c = tiny_pipe(first_frame, "a red circle", num_frames=5, steps=2, seed=0, image_guidance_scale=2.0)
+    assert (tiny_pipe.calls - before)["transformer"] == 4 + 4 and not torch.equal(a, c)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
 def test_non_rgb_images_are_refused(tiny_pipe, first_frame, mode):
     with pytest.raises(ValueError, match="image must be RGB"):

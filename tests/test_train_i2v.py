@@ -66,7 +66,8 @@ def test_training_continues_from_a_shipped_preset_folder(tmp_path):
 
 
 def test_text_only_rows_carry_no_trace_of_their_first_frame(tiny_pipe):
-    from magic_demo.train.batches import encode_batch, neutral_image
+    from magic_demo.pipeline import neutral_image
+    from magic_demo.train.batches import encode_batch
 
     video, captions, firsts = sample_clips(step=3, batch=3, frames=5, size=32, fps=8, seed=0, dropout=0.0)
     batch = encode_batch(tiny_pipe, video, captions, firsts, text_only=[False, True, False])

@@ -32,6 +32,17 @@ def test_counts_and_exact_frames(tiny_pipe, first_frame, tmp_path, seconds, fps,
     assert r["windows"] == len(r["per_window_s"]) == math.ceil(max(0, r["frames"] - 9) / 8) + 1
 
 
+def test_image_guidance_one_more_pass_per_step_and_one_more_prompt_encode(tiny_pipe, first_frame, tmp_path):
+    done = generate_video(tiny_pipe, make_request(first_frame, seconds=2.0, steps=2, image_guidance_scale=2.0),
+                          tmp_path / "v.mp4")
+    r = done.report
+    assert r["image_guidance_scale"] == 2.0 and r["windows"] == 2
+    assert r["transformer_calls"] == 2 * 2 * r["windows"]
+    assert r["text_encoder_calls"] == 2  # the prompt beside the first frame and beside the neutral image, once each
+    plain = generate_video(tiny_pipe, make_request(first_frame, seconds=2.0, steps=2), tmp_path / "w.mp4")
+    assert not np.array_equal(read_video(done.video_path)[0], read_video(plain.video_path)[0])
+
+
 def test_last_latent_condition_skips_reencoding(tiny_pipe, first_frame, tmp_path):
     done = generate_video(tiny_pipe, make_request(first_frame, seconds=3.0, condition="last_latent"), tmp_path / "v.mp4")
     assert done.report["windows"] == 3 and done.report["vae_encode_calls"] == 1
@@ -132,6 +143,7 @@ def test_closing_the_stream_cancels_the_job(tiny_pipe, first_frame, tmp_path):
     (dict(seed="1"), "seed"), (dict(overlap=8), "overlap"), (dict(condition="middle"), "condition"),
     (dict(window_frames=10), "window_frames"), (dict(seconds=0.01, fps=8), "at least one frame"),
     (dict(colour_anchor="yes"), "colour_anchor"), (dict(denoise_threads=0), "denoise_threads"),
+    (dict(image_guidance_scale=-1.0), "image_guidance_scale"), (dict(image_guidance_scale=float("inf")), "image_guidance_scale"),
 ])
 def test_bad_requests_name_the_parameter(tiny_pipe, first_frame, tmp_path, kw, name):
     with pytest.raises(ValueError, match=name):

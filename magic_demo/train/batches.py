@@ -15,6 +15,7 @@ from PIL import Image
 
 from magic_demo import world
 from magic_demo.autoencoder import encode_video
+from magic_demo.pipeline import neutral_image
 
 
 @dataclass
@@ -112,12 +113,6 @@ def noise_condition(batch: TrainBatch, max_sigma: float, generator: torch.Genera
     cond = batch.cond.clone()
     cond[:, :c, :1] += sigma.view(-1, 1, 1, 1, 1) * noise
     return dataclasses.replace(batch, cond=cond)
-
-
-def neutral_image(size: tuple[int, int]) -> Image.Image:
-    """What the VLM sees for a clip made without its first frame (text-to-video): plain mid-gray, no information.
-    (Masking the image tokens out is not an option: the transformer reads its text mask as a prefix length.)"""
-    return Image.new("RGB", size, (128, 128, 128))
 
 
 @torch.no_grad()
