@@ -193,6 +193,7 @@ class MagicI2VPipeline(DiffusionPipeline):
         if self.has_guidance_input:  # CFG-distilled student: the scale is an input, one pass per step
             guidance = torch.full((shape[0],), guidance_scale * 1000.0, device=device, dtype=dtype)
         use_image_guidance = image_guidance_scale != 1.0 and imageless is not None
+        no_image = torch.zeros_like(cond) if use_image_guidance else None  # no latent, no mask
 
         def forward(x, p: PromptEmbeds, t, given: torch.Tensor):
             return self.transformer(
@@ -207,7 +208,7 @@ class MagicI2VPipeline(DiffusionPipeline):
                 v_neg = forward(x, negative, t, cond)
                 v = v_neg + true_cfg_scale * (v - v_neg)
             if use_image_guidance:
-                v_free = forward(x, imageless, t, torch.zeros_like(cond))
+                v_free = forward(x, imageless, t, no_image)
                 v = v_free + image_guidance_scale * (v - v_free)
             return v
 

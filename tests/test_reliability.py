@@ -223,3 +223,17 @@ def test_outputs_folder_stays_bounded(tmp_path):
         service.new_output_path().write_bytes(b"x")
         os.utime(tmp_path, None)
     assert len(list(tmp_path.iterdir())) <= 6
+
+
+def test_a_presets_image_guidance_reaches_the_request(tmp_path, first_frame):
+    from dataclasses import replace
+
+    from magic_demo.presets import get_preset
+    from magic_demo.service import DemoService, VideoSettings
+
+    guided = DemoService(replace(get_preset("tiny-random"), image_guidance_scale=2.0), outputs_dir=tmp_path / "out")
+    plain = DemoService("tiny-random", outputs_dir=tmp_path / "o2")
+    frame = plain.upload(first_frame)
+    settings = VideoSettings(seconds=1.0, fps=8)
+    assert guided.make_request(frame, "a red circle", settings).image_guidance_scale == 2.0
+    assert plain.make_request(frame, "a red circle", settings).image_guidance_scale == 1.0
