@@ -69,6 +69,7 @@ class TinyConfig:
     clip_hidden: int = 16
     guidance_embeds: bool = False
     patch_size: int = 1
+    mlp_ratio: float = 2.0  # feed-forward width / hidden width in the transformer blocks
 
 
 def build_transformer(cfg: TinyConfig) -> HunyuanVideoTransformer3DModel:
@@ -76,7 +77,7 @@ def build_transformer(cfg: TinyConfig) -> HunyuanVideoTransformer3DModel:
     return HunyuanVideoTransformer3DModel(
         in_channels=2 * c + 1, out_channels=c, num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
         num_layers=cfg.double_layers, num_single_layers=cfg.single_layers, num_refiner_layers=cfg.refiner_layers,
-        mlp_ratio=2.0, patch_size=cfg.patch_size, patch_size_t=1, guidance_embeds=cfg.guidance_embeds,
+        mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size, patch_size_t=1, guidance_embeds=cfg.guidance_embeds,
         text_embed_dim=cfg.text_hidden, pooled_projection_dim=cfg.clip_hidden, rope_axes_dim=cfg.rope_axes_dim,
         image_condition_type="latent_concat",
     )

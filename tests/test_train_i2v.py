@@ -160,6 +160,50 @@ def test_a_patch_1_teacher_starts_from_a_patch_2_preset_with_a_warmup(tmp_path):
     assert snap.config.patch_size == 1
 
 
+def test_widen_feed_forward_keeps_the_function_and_adds_silent_units():
+    from magic_demo.tiny import TinyConfig, build_transformer
+
+    torch.manual_seed(0)
+    narrow = build_transformer(TinyConfig(patch_size=2)).eval()
+    wide = build_transformer(TinyConfig(patch_size=2, mlp_ratio=6.0)).eval()
+    state = i2v.widen_feed_forward(narrow.state_dict(), wide.state_dict())
+    wide.load_state_dict(state)
+    assert wide.transformer_blocks[0].ff.net[0].proj.out_features == 3 * narrow.transformer_blocks[0].ff.net[0].proj.out_features
+    args = dict(hidden_states=torch.randn(2, narrow.config.in_channels, 3, 8, 8), timestep=torch.tensor([900.0, 300.0]),
+                encoder_hidden_states=torch.randn(2, 6, 16), encoder_attention_mask=torch.ones(2, 6, dtype=torch.bool),
+                pooled_projections=torch.randn(2, 16), return_dict=False)
+    with torch.no_grad():
+        before, after = narrow(**args)[0], wide(**args)[0]
+    assert before.abs().mean() > 0.1 and torch.allclose(before, after, atol=1e-5)
+    # the new units are read through zeros, and their input rows are not zero (so they can start to learn)
+    d = narrow.transformer_blocks[0].ff.net[2].in_features
+    assert state["transformer_blocks.0.ff.net.2.weight"][:, d:].abs().max() == 0
+    assert state["transformer_blocks.0.ff.net.0.proj.weight"][d:].abs().max() > 0
+    h = narrow.config.num_attention_heads * narrow.config.attention_head_dim
+    assert state["single_transformer_blocks.0.proj_out.weight"][:, h + d:].abs().max() == 0
+    # anything but a feed-forward change is refused, by name
+    other = build_transformer(TinyConfig(patch_size=1)).state_dict()
+    with pytest.raises(ValueError, match="x_embedder.proj.weight.*not a feed-forward change"):
+        i2v.widen_feed_forward(narrow.state_dict(), other)
+
+
+def test_a_teacher_continues_with_wider_feed_forward_layers(tmp_path, capsys):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
+              "--config", "test", "--warmup", "1"]
+    i2v.main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "mini"), "--max-steps", "1", *common])
+    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--mlp-ratio", "4",
+              "--max-steps", "2", *common])
+    assert "feed-forward widened from ratio 2.0 to 4.0" in (tmp_path / "b" / "train.log").read_text()
+    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000002")
+    assert snap.config.mlp_ratio == 4.0
+    with pytest.raises(SystemExit):
+        i2v.main(["--out", str(tmp_path / "c"), "--mlp-ratio", "0", *common])
+    assert "--mlp-ratio must be > 0, got 0.0" in capsys.readouterr().err
+
+
 def test_learning_rate_warms_up_holds_then_anneals_to_zero_at_max_steps():
     lr = [i2v.learning_rate(s, 1e-3, warm_from=100, warmup=10, max_steps=200, anneal=50) for s in range(100, 200)]
     assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # warm-up from where the optimizer began

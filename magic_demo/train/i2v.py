@@ -98,6 +98,10 @@ def main(argv=None) -> None:
     p.add_argument("--patch-size", type=int, default=None,
                    help="spatial patch of the transformer (default: the config's, 2 for mini); with --init from a "
                         "teacher of patch 2, patch 1 starts from its weights (see repatch_to_1)")
+    p.add_argument("--mlp-ratio", type=float, default=None,
+                   help="feed-forward width of the blocks / hidden width (default: the config's, 2 for mini); with "
+                        "--init from a narrower teacher, its weights are kept and the new units start silent "
+                        "(widen_feed_forward), so training goes on from the same function with more capacity")
     args = p.parse_args(argv)
     if args.echo < 1:
         p.error(f"--echo must be >= 1, got {args.echo}")
@@ -109,6 +113,8 @@ def main(argv=None) -> None:
         p.error(f"--edge-starts must be in [0, 1], got {args.edge_starts}")
     if args.init and args.init_blocks:
         p.error("--init and --init-blocks exclude each other (--init continues a teacher, --init-blocks starts one)")
+    if args.mlp_ratio is not None and args.mlp_ratio <= 0:
+        p.error(f"--mlp-ratio must be > 0, got {args.mlp_ratio}")
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
@@ -148,7 +154,9 @@ def main(argv=None) -> None:
     c = vae.config.latent_channels
     cfg = MINI if args.config == "mini" else TinyConfig(patch_size=2)
     patch = args.patch_size or cfg.patch_size
-    transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c, "patch_size": patch}))
+    mlp_ratio = args.mlp_ratio or cfg.mlp_ratio
+    transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c, "patch_size": patch,
+                                                  "mlp_ratio": mlp_ratio}))
     pipe = MagicI2VPipeline(transformer=transformer, **comps)
     opt = torch.optim.AdamW(param_groups(transformer, args.text_lr_scale), lr=args.lr, weight_decay=0.01,
                             betas=(0.9, 0.99))
@@ -174,6 +182,9 @@ def main(argv=None) -> None:
         if source.config.patch_size != patch:
             weights = repatch_to_1(weights, source.config.patch_size, patch)
             say(f"patch {source.config.patch_size} weights converted to patch {patch}")
+        if source.config.mlp_ratio != mlp_ratio:
+            weights = widen_feed_forward(weights, transformer.state_dict())
+            say(f"feed-forward widened from ratio {source.config.mlp_ratio} to {mlp_ratio}; new units silent")
         transformer.load_state_dict(weights)
         info = Path(args.init) / "training.json"
         step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
@@ -276,6 +287,34 @@ def repatch_to_1(state: dict, src: int, dst: int) -> dict:
     # Output features are ordered (channel, p_t, p, p), as the model unpatchifies them.
     state["proj_out.weight"] = state["proj_out.weight"].view(-1, src * src, d).mean(1)
     state["proj_out.bias"] = state["proj_out.bias"].view(-1, src * src).mean(1)
+    return state
+
+
+# The tensors that read a block's feed-forward units: their new columns start at zero so that the wider model computes
+# exactly what the narrower one did (the new units still get gradients through them and start to learn).
+FEED_FORWARD_OUTPUTS = ("ff.net.2.weight", "ff_context.net.2.weight")
+SINGLE_BLOCK_OUTPUT = "proj_out.weight"  # single blocks: [attention output ; feed-forward units] -> hidden
+
+
+def widen_feed_forward(narrow: dict, wide: dict) -> dict:
+    """A teacher's weights in a model of the same config but wider feed-forward layers (`wide`: that model's
+    freshly initialised state). Every narrow tensor fills the leading slice of its wide counterpart; the extra
+    input rows keep their fresh initialisation and the extra output columns are zero, so the function is
+    unchanged. Only feed-forward tensors may differ in shape."""
+    state = {}
+    for name, target in wide.items():
+        source = narrow[name]
+        if source.shape == target.shape:
+            state[name] = source
+            continue
+        reads_units = name.endswith(FEED_FORWARD_OUTPUTS) or (
+            name.startswith("single_transformer_blocks.") and name.endswith(SINGLE_BLOCK_OUTPUT))
+        if not (reads_units or ".ff" in name or "proj_mlp" in name):
+            raise ValueError(f"{name}: shape {tuple(source.shape)} -> {tuple(target.shape)} is not a feed-forward "
+                             "change")
+        grown = torch.zeros_like(target) if reads_units else target.clone()
+        grown[tuple(slice(0, n) for n in source.shape)] = source
+        state[name] = grown
     return state
 
 
