@@ -229,6 +229,16 @@ def test_distillation_runner_resumes_and_exports_a_loadable_student(tmp_path):
     distill.main(["world", "--out", str(tmp_path / "half"), "--init", str(tmp_path / "student"), "--max-iters", "1",
                   "--chain", "0.5", *common, "--batch", "2"])
     assert '"iter": 1' in (tmp_path / "half" / "curve.json").read_text()
+    # --mlp-ratio widens the student first (same function, see test_train_i2v), and a resumed run loads the wide weights
+    for iters in ("1", "2"):
+        distill.main(["world", "--out", str(tmp_path / "wide"), "--init", str(tmp_path / "student"), "--mlp-ratio", "4",
+                      "--export", str(tmp_path / "wide_student"), "--max-iters", iters, *common])
+    wide = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "wide_student")
+    assert wide.config.mlp_ratio == 4.0 and student.config.mlp_ratio == 2.0
+    log = (tmp_path / "wide" / "train.log").read_text()
+    assert "widened from ratio 2.0 to 4.0" in log and "resumed at iteration 1" in log
+    with pytest.raises(SystemExit):  # the widening is the world recipe's
+        distill.main(["cfg", "--out", str(tmp_path / "x"), "--mlp-ratio", "4", *common])
     with pytest.raises(SystemExit):  # --init is the world recipe's
         distill.main(["cfg", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "student"), *common])
     with pytest.raises(SystemExit):  # and so is the failure focus

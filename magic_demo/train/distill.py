@@ -33,7 +33,7 @@ from magic_demo.sampling import build_sigmas, make_scheduler
 from magic_demo.distill.world_tune import chain_windows, world_tune_loss
 from magic_demo.train.batches import edge_start_sampler, encode_batch, sample_clips, shape_loss_weights, step_specs
 from magic_demo.train.focus import FailureFocus
-from magic_demo.train.i2v import learning_rate
+from magic_demo.train.i2v import learning_rate, widen_model
 
 TEXT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_processor", "scheduler")
 
@@ -58,6 +58,9 @@ def main(argv=None) -> None:
     p.add_argument("--chain", type=float, default=0.0,
                    help="world: fraction of each batch's clips that are second windows, conditioned on the student's "
                         "own last frame of a first window (`distill.world_tune.chain_windows`)")
+    p.add_argument("--mlp-ratio", type=float, default=None,
+                   help="world: first widen the student's feed-forward layers to this ratio of its hidden width, its "
+                        "function kept (`train.i2v.widen_feed_forward`): more capacity for the world tuning")
     p.add_argument("--out", required=True)
     p.add_argument("--export", default=None)
     p.add_argument("--minutes", type=float, default=30)
@@ -93,9 +96,11 @@ def main(argv=None) -> None:
         p.error("--anneal is for cfg and world and needs --max-iters (the iteration the decay ends at)")
     if args.edge_starts and (not student_recipe or not 0 < args.edge_starts <= 1):
         p.error(f"--edge-starts is for cfg and world and must be in (0, 1], got {args.edge_starts} for {args.recipe}")
-    if (args.init is not None or args.world_weight != 1 or args.world_focus or args.decoder_lr or args.chain) \
-            and args.recipe != "world":
-        p.error("--init, --world-weight, --world-focus, --decoder-lr and --chain are for the world recipe")
+    if (args.init is not None or args.world_weight != 1 or args.world_focus or args.decoder_lr or args.chain
+            or args.mlp_ratio is not None) and args.recipe != "world":
+        p.error("--init, --world-weight, --world-focus, --decoder-lr, --chain and --mlp-ratio are for the world recipe")
+    if args.mlp_ratio is not None and args.mlp_ratio <= 0:
+        p.error(f"--mlp-ratio must be > 0, got {args.mlp_ratio}")
     if not 0 <= args.chain <= 1:
         p.error(f"--chain must be in [0, 1], got {args.chain}")
     if args.recipe == "world" and args.guidance is None:
@@ -120,6 +125,9 @@ def main(argv=None) -> None:
     if student_recipe:
         if args.recipe == "world":
             student = HunyuanVideoTransformer3DModel.from_pretrained(args.init or Path(args.preset_dir) / "transformer")
+            if args.mlp_ratio is not None and args.mlp_ratio != student.config.mlp_ratio:
+                say(f"student feed-forward widened from ratio {student.config.mlp_ratio} to {args.mlp_ratio}")
+                student = widen_model(student, args.mlp_ratio, args.seed)  # a resumed run then loads its checkpoint
             comps["vae"].requires_grad_(False)  # the world loss backpropagates through the decoder
             comps["vae"].decoder.requires_grad_(args.decoder_lr > 0)
             sigmas, _ = build_sigmas(make_scheduler(), args.steps)

@@ -318,6 +318,15 @@ def widen_feed_forward(narrow: dict, wide: dict) -> dict:
     return state
 
 
+def widen_model(model: torch.nn.Module, mlp_ratio: float, seed: int = 0) -> torch.nn.Module:
+    """A copy of a transformer (teacher or student) with feed-forward layers `mlp_ratio` times its hidden width and
+    the same function (widen_feed_forward); the new units' input rows are drawn from `seed`."""
+    torch.manual_seed(seed)
+    wide = type(model).from_config({**model.config, "mlp_ratio": float(mlp_ratio)})
+    wide.load_state_dict(widen_feed_forward(model.state_dict(), wide.state_dict()))
+    return wide
+
+
 @torch.no_grad()
 def transfer_matching(model: torch.nn.Module, source: torch.nn.Module) -> tuple[int, list[str]]:
     """Copy every tensor of `source` whose name and shape match into `model`: a teacher trained on one latent space
