@@ -178,13 +178,13 @@ def main(argv=None) -> None:
         say(f"resumed at step {step}")
     elif args.init:
         source = type(transformer).from_pretrained(Path(args.init) / TEACHER)
+        if source.config.mlp_ratio != mlp_ratio:
+            say(f"feed-forward widened from ratio {source.config.mlp_ratio} to {mlp_ratio}; new units silent")
+            source = widen_model(source, mlp_ratio, args.seed)
         weights = source.state_dict()
         if source.config.patch_size != patch:
             weights = repatch_to_1(weights, source.config.patch_size, patch)
             say(f"patch {source.config.patch_size} weights converted to patch {patch}")
-        if source.config.mlp_ratio != mlp_ratio:
-            weights = widen_feed_forward(weights, transformer.state_dict())
-            say(f"feed-forward widened from ratio {source.config.mlp_ratio} to {mlp_ratio}; new units silent")
         transformer.load_state_dict(weights)
         info = Path(args.init) / "training.json"
         step = json.loads(info.read_text()).get("teacher", {}).get("i2v_step", 0) if info.is_file() else 0
