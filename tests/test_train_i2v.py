@@ -199,6 +199,14 @@ def test_a_teacher_continues_with_wider_feed_forward_layers(tmp_path, capsys):
     assert "feed-forward widened from ratio 2.0 to 4.0" in (tmp_path / "b" / "train.log").read_text()
     snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000002")
     assert snap.config.mlp_ratio == 4.0
+    snap.save_pretrained(tmp_path / "wide" / "teacher")  # continuing a wide teacher keeps its width by default
+    for name in i2v.FROZEN:
+        (tmp_path / "wide" / name).symlink_to(tmp_path / "mini" / name)
+    i2v.main(["--out", str(tmp_path / "d"), "--init", str(tmp_path / "wide"), "--max-steps", "1", *common])
+    assert "widened" not in (tmp_path / "d" / "train.log").read_text()
+    with pytest.raises(ValueError, match="narrows"):
+        i2v.widen_feed_forward(snap.state_dict(), HunyuanVideoTransformer3DModel.from_pretrained(
+            tmp_path / "a" / "snapshots" / "step_000001").state_dict())
     with pytest.raises(SystemExit):
         i2v.main(["--out", str(tmp_path / "c"), "--mlp-ratio", "0", *common])
     assert "--mlp-ratio must be > 0, got 0.0" in capsys.readouterr().err

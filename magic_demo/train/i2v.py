@@ -154,7 +154,10 @@ def main(argv=None) -> None:
     c = vae.config.latent_channels
     cfg = MINI if args.config == "mini" else TinyConfig(patch_size=2)
     patch = args.patch_size or cfg.patch_size
-    mlp_ratio = args.mlp_ratio or cfg.mlp_ratio
+    init_config = Path(args.init or "", TEACHER, "config.json")
+    # continuing a teacher keeps its feed-forward width unless --mlp-ratio asks for another
+    mlp_ratio = args.mlp_ratio or (json.loads(init_config.read_text())["mlp_ratio"] if args.init and init_config.is_file()
+                                   else cfg.mlp_ratio)
     transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c, "patch_size": patch,
                                                   "mlp_ratio": mlp_ratio}))
     pipe = MagicI2VPipeline(transformer=transformer, **comps)
@@ -312,6 +315,9 @@ def widen_feed_forward(narrow: dict, wide: dict) -> dict:
         if not (reads_units or ".ff" in name or "proj_mlp" in name):
             raise ValueError(f"{name}: shape {tuple(source.shape)} -> {tuple(target.shape)} is not a feed-forward "
                              "change")
+        if any(a > b for a, b in zip(source.shape, target.shape)):
+            raise ValueError(f"{name}: shape {tuple(source.shape)} -> {tuple(target.shape)} narrows; only widening keeps "
+                             "the function")
         grown = torch.zeros_like(target) if reads_units else target.clone()
         grown[tuple(slice(0, n) for n in source.shape)] = source
         state[name] = grown
