@@ -18,6 +18,16 @@ def tiny_vae_folder(path):
     return path
 
 
+def exported_tiny_teacher(tmp_path, steps: int, warmup: int) -> list[str]:
+    """Train a tiny teacher for `steps` steps and export it to tmp_path/mini (a preset folder to --init from);
+    returns the trainer arguments the two runs share."""
+    vae = tiny_vae_folder(tmp_path / "vae")
+    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
+              "--config", "test", "--warmup", str(warmup)]
+    i2v.main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "mini"), "--max-steps", str(steps), *common])
+    return common
+
+
 def test_i2v_trainer_checkpoints_resumes_and_exports_a_loadable_preset(tmp_path):
     vae = tiny_vae_folder(tmp_path / "vae")
     common = ["--out", str(tmp_path / "run"), "--vae", str(vae), "--export", str(tmp_path / "mini"), "--batch", "2",
@@ -146,10 +156,7 @@ def test_repatch_to_1_keeps_flat_regions_and_averages_the_outputs():
 def test_a_patch_1_teacher_starts_from_a_patch_2_preset_with_a_warmup(tmp_path):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    vae = tiny_vae_folder(tmp_path / "vae")
-    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
-              "--config", "test", "--warmup", "4"]
-    i2v.main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "mini"), "--max-steps", "2", *common])
+    common = exported_tiny_teacher(tmp_path, steps=2, warmup=4)
     i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--patch-size", "1",
               "--max-steps", "3", *common])
     log = (tmp_path / "b" / "train.log").read_text()
@@ -190,10 +197,7 @@ def test_widen_feed_forward_keeps_the_function_and_adds_silent_units():
 def test_a_teacher_continues_with_wider_feed_forward_layers(tmp_path, capsys):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    vae = tiny_vae_folder(tmp_path / "vae")
-    common = ["--vae", str(vae), "--batch", "1", "--frames", "5", "--size", "32", "--eval-clips", "1",
-              "--config", "test", "--warmup", "1"]
-    i2v.main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "mini"), "--max-steps", "1", *common])
+    common = exported_tiny_teacher(tmp_path, steps=1, warmup=1)
     i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--mlp-ratio", "4",
               "--max-steps", "2", *common])
     assert "feed-forward widened from ratio 2.0 to 4.0" in (tmp_path / "b" / "train.log").read_text()
