@@ -216,6 +216,40 @@ def test_a_teacher_continues_with_wider_feed_forward_layers(tmp_path, capsys):
     assert "--mlp-ratio must be > 0, got 0.0" in capsys.readouterr().err
 
 
+def test_deepen_model_appends_identity_blocks_that_can_learn(tmp_path, capsys):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from magic_demo.tiny import TinyConfig, build_transformer
+
+    torch.manual_seed(0)
+    shallow = build_transformer(TinyConfig(patch_size=2)).eval()
+    deep = i2v.deepen_model(shallow, 3).eval()
+    assert deep.config.num_single_layers == 3 and len(deep.single_transformer_blocks) == 3
+    args = dict(hidden_states=torch.randn(2, shallow.config.in_channels, 3, 8, 8), timestep=torch.tensor([900.0, 300.0]),
+                encoder_hidden_states=torch.randn(2, 6, 16), encoder_attention_mask=torch.ones(2, 6, dtype=torch.bool),
+                pooled_projections=torch.randn(2, 16), return_dict=False)
+    with torch.no_grad():
+        before, after = shallow(**args)[0], deep(**args)[0]
+    assert before.abs().mean() > 0.1 and torch.allclose(before, after, atol=1e-6)
+    new = deep.single_transformer_blocks[2]
+    assert new.proj_out.weight.abs().max() == 0 and new.attn.to_q.weight.abs().max() > 0
+    deep.train()
+    deep(**args)[0].square().mean().backward()  # the zero projection gets a gradient: the block can start to learn
+    assert new.proj_out.weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="single_layers=0 < the model's 1"):
+        i2v.deepen_model(shallow, 0)
+    # through the trainer: --init a shallower teacher with --single-layers
+    common = exported_tiny_teacher(tmp_path, steps=1, warmup=1)
+    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--single-layers", "2",
+              "--max-steps", "2", *common])
+    assert "single-stream blocks 1 -> 2; new blocks start as the identity" in (tmp_path / "b" / "train.log").read_text()
+    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000002")
+    assert snap.config.num_single_layers == 2
+    with pytest.raises(SystemExit):
+        i2v.main(["--out", str(tmp_path / "c"), "--single-layers", "0", *common])
+    assert "--single-layers must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_learning_rate_warms_up_holds_then_anneals_to_zero_at_max_steps():
     lr = [i2v.learning_rate(s, 1e-3, warm_from=100, warmup=10, max_steps=200, anneal=50) for s in range(100, 200)]
     assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # warm-up from where the optimizer began

@@ -102,6 +102,10 @@ def main(argv=None) -> None:
                    help="feed-forward width of the blocks / hidden width (default: the config's, 2 for mini); with "
                         "--init from a narrower teacher, its weights are kept and the new units start silent "
                         "(widen_feed_forward), so training goes on from the same function with more capacity")
+    p.add_argument("--single-layers", type=int, default=None,
+                   help="single-stream blocks (default: the config's, 2 for mini); with --init from a shallower teacher "
+                        "the extra blocks are appended after its own and start as the identity (deepen_model): more "
+                        "attention layers to carry the first frame across frames")
     args = p.parse_args(argv)
     if args.echo < 1:
         p.error(f"--echo must be >= 1, got {args.echo}")
@@ -115,6 +119,8 @@ def main(argv=None) -> None:
         p.error("--init and --init-blocks exclude each other (--init continues a teacher, --init-blocks starts one)")
     if args.mlp_ratio is not None and args.mlp_ratio <= 0:
         p.error(f"--mlp-ratio must be > 0, got {args.mlp_ratio}")
+    if args.single_layers is not None and args.single_layers < 1:
+        p.error(f"--single-layers must be >= 1, got {args.single_layers}")
     if args.anneal and args.max_steps == p.get_default("max_steps"):
         p.error("--anneal needs --max-steps (the step the decay ends at)")
     torch.set_num_threads(args.threads)
@@ -155,11 +161,12 @@ def main(argv=None) -> None:
     cfg = MINI if args.config == "mini" else TinyConfig(patch_size=2)
     patch = args.patch_size or cfg.patch_size
     init_config = Path(args.init or "", TEACHER, "config.json")
-    # continuing a teacher keeps its feed-forward width unless --mlp-ratio asks for another
-    mlp_ratio = args.mlp_ratio or (json.loads(init_config.read_text())["mlp_ratio"] if args.init and init_config.is_file()
-                                   else cfg.mlp_ratio)
+    # continuing a teacher keeps its feed-forward width and depth unless --mlp-ratio / --single-layers ask for others
+    init_cfg = json.loads(init_config.read_text()) if args.init and init_config.is_file() else {}
+    mlp_ratio = args.mlp_ratio or init_cfg.get("mlp_ratio", cfg.mlp_ratio)
+    single_layers = args.single_layers or init_cfg.get("num_single_layers", cfg.single_layers)
     transformer = build_transformer(TinyConfig(**{**cfg.__dict__, "latent_channels": c, "patch_size": patch,
-                                                  "mlp_ratio": mlp_ratio}))
+                                                  "mlp_ratio": mlp_ratio, "single_layers": single_layers}))
     pipe = MagicI2VPipeline(transformer=transformer, **comps)
     opt = torch.optim.AdamW(param_groups(transformer, args.text_lr_scale), lr=args.lr, weight_decay=0.01,
                             betas=(0.9, 0.99))
@@ -184,6 +191,10 @@ def main(argv=None) -> None:
         if source.config.mlp_ratio != mlp_ratio:
             say(f"feed-forward widened from ratio {source.config.mlp_ratio} to {mlp_ratio}; new units silent")
             source = widen_model(source, mlp_ratio, args.seed)
+        if source.config.num_single_layers != single_layers:
+            say(f"single-stream blocks {source.config.num_single_layers} -> {single_layers}; new blocks start as the "
+                "identity")
+            source = deepen_model(source, single_layers, args.seed)
         weights = source.state_dict()
         if source.config.patch_size != patch:
             weights = repatch_to_1(weights, source.config.patch_size, patch)
@@ -331,6 +342,24 @@ def widen_model(model: torch.nn.Module, mlp_ratio: float, seed: int = 0) -> torc
     wide = type(model).from_config({**model.config, "mlp_ratio": float(mlp_ratio)})
     wide.load_state_dict(widen_feed_forward(model.state_dict(), wide.state_dict()))
     return wide
+
+
+def deepen_model(model: torch.nn.Module, single_layers: int, seed: int = 0) -> torch.nn.Module:
+    """A copy of a transformer with `single_layers` single-stream blocks: its own blocks first, then new ones drawn
+    from `seed` whose output projection starts at zero, so each adds nothing to the residual stream and the
+    function is unchanged (the zero projection still gets gradients, and through it the block starts to learn)."""
+    have = model.config.num_single_layers
+    if single_layers < have:
+        raise ValueError(f"single_layers={single_layers} < the model's {have}: only deepening keeps the function")
+    torch.manual_seed(seed)
+    deep = type(model).from_config({**model.config, "num_single_layers": int(single_layers)})
+    state = deep.state_dict()
+    state.update(model.state_dict())
+    for i in range(have, single_layers):
+        for name in ("weight", "bias"):
+            state[f"single_transformer_blocks.{i}.proj_out.{name}"].zero_()
+    deep.load_state_dict(state)
+    return deep
 
 
 @torch.no_grad()
