@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from magic_demo import retrieval as R
+from magic_demo.retrieval import store
 from magic_demo.retrieval import (
     ClipEmbedder,
     ClipModelSpec,
@@ -231,10 +232,10 @@ def test_crash_during_save_leaves_previous_index_loadable(built, embedder, galle
             raise OSError("simulated crash")
         real_rename(a, b)
 
-    monkeypatch.setattr(R, "_rename", crashing_rename)
+    monkeypatch.setattr(store, "_rename", crashing_rename)
     with pytest.raises(OSError, match="simulated crash"):
         built.save(out)
-    monkeypatch.setattr(R, "_rename", real_rename)
+    monkeypatch.setattr(store, "_rename", real_rename)
     assert len(RetrievalIndex.load(out, embedder)) == 1  # the previous index
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left behind
 
@@ -242,7 +243,7 @@ def test_crash_during_save_leaves_previous_index_loadable(built, embedder, galle
     def broken_write(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R, "_write_file", broken_write)
+    monkeypatch.setattr(store, "_write_file", broken_write)
     with pytest.raises(OSError, match="disk full"):
         built.save(out)
     monkeypatch.undo()
@@ -250,7 +251,7 @@ def test_crash_during_save_leaves_previous_index_loadable(built, embedder, galle
 
     # hard kill between the two renames (no cleanup ran): the index dir is gone, only the backup and a
     # half-written temp dir remain on disk -> load reads the backup; the next save repairs the layout
-    real_rename(out, R._backup_path(out.absolute()))
+    real_rename(out, store._backup_path(out.absolute()))
     half = tmp_path / ".crash.tmp-123-abc"
     half.mkdir()
     (half / "index.faiss").write_bytes(b"partial")
@@ -259,7 +260,7 @@ def test_crash_during_save_leaves_previous_index_loadable(built, embedder, galle
     assert rec.search_image(Image.open(gallery / "nested" / "yellow.png"), 1)[0].rel_path == "yellow.png"
     built.save(out)
     assert len(RetrievalIndex.load(out, embedder)) == len(built)
-    assert not R._backup_path(out.absolute()).exists()
+    assert not store._backup_path(out.absolute()).exists()
 
 
 def test_hit_to_first_frame(built):

@@ -1,0 +1,5 @@
+import sys
+
+from magic_demo.retrieval.cli import main
+
+sys.exit(main())
