@@ -14,7 +14,7 @@ and the decoder draws the crisp edges; without one it works directly on RGB pixe
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (Euler, shifted sigmas as in ``magic_demo.sampling``).
 
 Classifier-free guidance (the model was trained with ~10% empty captions) is on when ``guidance_scale > 1``.
-``load_mini_text_to_image()`` gives the shipped model as a ``first_frame.TextToImage`` for the presets, and
+``load_mini_text_to_image()`` gives the shipped model as a ``text_to_image.TextToImage`` for the presets, and
 ``evaluate_t2i()`` scores colour, shape and background of generated images with ``world.py``'s analyser on
 held-out captions (captions the trainer never shows the model).
 """
@@ -310,8 +310,8 @@ def generation_defaults(path: Union[str, Path] = DEFAULT_PATH) -> dict:
 
 
 def load_mini_text_to_image(path: Union[str, Path] = DEFAULT_PATH):
-    """The shipped mini T2I model as a ``first_frame.TextToImage`` generating at its native 64x64."""
-    from magic_demo.first_frame import TextToImage
+    """The shipped mini T2I model as a ``text_to_image.TextToImage`` generating at its native 64x64."""
+    from magic_demo.text_to_image import TextToImage
 
     pipe = load_mini_t2i(path)
     d = generation_defaults(path)

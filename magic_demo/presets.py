@@ -55,7 +55,7 @@ class Preset:
     seconds: float = 4.0
     guidance_scale: float = 1.0  # guidance input w of a CFG-distilled transformer (~ two-pass CFG at 1 + w)
     prompt_template: PromptTemplate = field(default_factory=PromptTemplate)
-    text_to_image: Optional[Callable[[], object]] = None  # builds a first_frame.TextToImage
+    text_to_image: Optional[Callable[[], object]] = None  # builds a text_to_image.TextToImage
     gallery_index: Optional[Path] = None  # retrieval index folder (RetrievalIndex.load)
     gpu_memory_gib: Optional[float] = None  # documented need (int8, offload), for the README table
     offload: bool = False  # model CPU offload of the encoders while the transformer runs (CUDA)
@@ -72,7 +72,7 @@ def _tiny_random() -> dict:
 
 
 def _tiny_text_to_image():
-    from magic_demo.first_frame import TextToImage
+    from magic_demo.text_to_image import TextToImage
 
     return TextToImage.tiny_random(seed=0)
 
@@ -84,7 +84,7 @@ def _mini_text_to_image():
 
 
 def _turbo_text_to_image():
-    from magic_demo.first_frame import TextToImage
+    from magic_demo.text_to_image import TextToImage
 
     return TextToImage.from_pretrained("stabilityai/sdxl-turbo", num_inference_steps=2, guidance_scale=0.0)
 

@@ -16,7 +16,6 @@ from magic_demo.first_frame import (
     FirstFrameError,
     ImageTooSmallError,
     NotAnImageError,
-    TextToImage,
     TooManyBytesError,
     TooManyPixelsError,
     TruncatedImageError,
@@ -24,6 +23,7 @@ from magic_demo.first_frame import (
     load_upload,
     select_bucket,
 )
+from magic_demo.text_to_image import TextToImage
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from magic_demo.first_frame import FirstFrame, TextToImage
+from magic_demo.first_frame import FirstFrame
+from magic_demo.text_to_image import TextToImage
 from magic_demo.mini_t2i import (DEFAULT_PATH, HELDOUT_SET, MiniT2IPipeline, evaluate_t2i, heldout_captions,
                                  load_mini_t2i, load_mini_text_to_image)
 from magic_demo.train import t2i as trainer
