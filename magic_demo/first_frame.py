@@ -292,7 +292,7 @@ def open_image_checked(
             dw, dh = dh, dw
         try:
             img.draft("RGB", (dw, dh))  # keeps size >= requested
-        except Exception:
+        except (OSError, ValueError):  # a speed-up only: the full decode below still reads (or refuses) the file
             pass
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -184,10 +184,7 @@ class ClipModelSpec:
         self.register()
         if self.arch.startswith("hf-hub:"):
             return None  # would need the network
-        try:
-            return get_model_config(self.arch)
-        except Exception:
-            return None
+        return get_model_config(self.arch)  # None for an architecture open_clip does not know
 
     @property
     def model_id(self) -> str:
