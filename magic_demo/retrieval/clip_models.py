@@ -184,7 +184,10 @@ class ClipModelSpec:
         self.register()
         if self.arch.startswith("hf-hub:"):
             return None  # would need the network
-        return get_model_config(self.arch)  # None for an architecture open_clip does not know
+        try:
+            return get_model_config(self.arch)  # None for an architecture open_clip does not know
+        except (OSError, ValueError):  # a local-dir: model whose folder or config is gone or broken
+            return None
 
     @property
     def model_id(self) -> str:

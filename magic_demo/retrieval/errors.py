@@ -1,4 +1,4 @@
-"""Errors of the retrieval index: each message says what is wrong and what to do."""
+"""Error classes of the retrieval index."""
 
 
 class RetrievalIndexError(ValueError):

@@ -1,5 +1,6 @@
-"""Gallery folders: finding their images and captions, and drawing the shipped ones (the miniature world's first
-frames, ``make_world_gallery``; the older placeholder shapes, ``make_placeholder_gallery``)."""
+"""Gallery folders: finding their images and captions, and drawing galleries: the shipped one of the miniature
+world's first frames (``make_world_gallery``) and the placeholder shapes used with the tiny test model
+(``make_placeholder_gallery``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Retrieved first frames: R(y) = argmax over a gallery of cosine(phi(text), psi(image)).
+"""RetrievalIndex: a gallery of first frames searchable by text or image.
 
-A :class:`RetrievalIndex` embeds a folder of images with an open_clip model (L2-normalised embeddings,
+It embeds a folder of images with an open_clip model (L2-normalised embeddings,
 ``clip_models.py``) and searches them with faiss by inner product: exact ``IndexFlatIP`` below
 ``approx_threshold`` vectors, an approximate ``IndexHNSWFlat`` (inner product) at or above it (recall measured in
 tests and the benchmark). On disk: ``store.py``.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np

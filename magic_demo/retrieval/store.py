@@ -99,6 +99,7 @@ def _payload(idx: "RetrievalIndex", out_dir: Path) -> dict[str, bytes]:
         "meta.json": json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"),  # written last
     }
 
+
 def save_index(idx: "RetrievalIndex", out_dir: str | os.PathLike) -> Path:
     """Write the index directory atomically (temp dir + renames; see the module docstring)."""
     out = Path(out_dir).absolute()
@@ -127,6 +128,7 @@ def save_index(idx: "RetrievalIndex", out_dir: str | os.PathLike) -> Path:
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return out
+
 
 def load_index(
     cls: type,
