@@ -167,6 +167,13 @@ def test_a_patch_1_teacher_starts_from_a_patch_2_preset_with_a_warmup(tmp_path):
     assert snap.config.patch_size == 1
 
 
+def tiny_forward_args(model) -> dict:
+    """A random batch (2 clips of 3 latent frames, 6 text tokens) for a test-config transformer's forward."""
+    return dict(hidden_states=torch.randn(2, model.config.in_channels, 3, 8, 8), timestep=torch.tensor([900.0, 300.0]),
+                encoder_hidden_states=torch.randn(2, 6, 16), encoder_attention_mask=torch.ones(2, 6, dtype=torch.bool),
+                pooled_projections=torch.randn(2, 16), return_dict=False)
+
+
 def test_widen_feed_forward_keeps_the_function_and_adds_silent_units():
     from magic_demo.tiny import TinyConfig, build_transformer
 
@@ -176,9 +183,7 @@ def test_widen_feed_forward_keeps_the_function_and_adds_silent_units():
     state = i2v.widen_feed_forward(narrow.state_dict(), wide.state_dict())
     wide.load_state_dict(state)
     assert wide.transformer_blocks[0].ff.net[0].proj.out_features == 3 * narrow.transformer_blocks[0].ff.net[0].proj.out_features
-    args = dict(hidden_states=torch.randn(2, narrow.config.in_channels, 3, 8, 8), timestep=torch.tensor([900.0, 300.0]),
-                encoder_hidden_states=torch.randn(2, 6, 16), encoder_attention_mask=torch.ones(2, 6, dtype=torch.bool),
-                pooled_projections=torch.randn(2, 16), return_dict=False)
+    args = tiny_forward_args(narrow)
     with torch.no_grad():
         before, after = narrow(**args)[0], wide(**args)[0]
     assert before.abs().mean() > 0.1 and torch.allclose(before, after, atol=1e-5)
@@ -225,9 +230,7 @@ def test_deepen_model_appends_identity_blocks_that_can_learn(tmp_path, capsys):
     shallow = build_transformer(TinyConfig(patch_size=2)).eval()
     deep = i2v.deepen_model(shallow, 3).eval()
     assert deep.config.num_single_layers == 3 and len(deep.single_transformer_blocks) == 3
-    args = dict(hidden_states=torch.randn(2, shallow.config.in_channels, 3, 8, 8), timestep=torch.tensor([900.0, 300.0]),
-                encoder_hidden_states=torch.randn(2, 6, 16), encoder_attention_mask=torch.ones(2, 6, dtype=torch.bool),
-                pooled_projections=torch.randn(2, 16), return_dict=False)
+    args = tiny_forward_args(shallow)
     with torch.no_grad():
         before, after = shallow(**args)[0], deep(**args)[0]
     assert before.abs().mean() > 0.1 and torch.allclose(before, after, atol=1e-6)
