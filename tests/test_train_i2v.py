@@ -28,6 +28,17 @@ def exported_tiny_teacher(tmp_path, steps: int, warmup: int) -> list[str]:
     return common
 
 
+def continued_tiny_teacher(tmp_path, *flags: str):
+    """Export a 1-step tiny teacher, continue it one step to tmp_path/b with `flags` (e.g. --mlp-ratio 4); returns
+    (the shared trainer arguments, the continued run's log, its step-2 snapshot)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    common = exported_tiny_teacher(tmp_path, steps=1, warmup=1)
+    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), *flags, "--max-steps", "2", *common])
+    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000002")
+    return common, (tmp_path / "b" / "train.log").read_text(), snap
+
+
 def test_i2v_trainer_checkpoints_resumes_and_exports_a_loadable_preset(tmp_path):
     vae = tiny_vae_folder(tmp_path / "vae")
     common = ["--out", str(tmp_path / "run"), "--vae", str(vae), "--export", str(tmp_path / "mini"), "--batch", "2",
@@ -202,11 +213,8 @@ def test_widen_feed_forward_keeps_the_function_and_adds_silent_units():
 def test_a_teacher_continues_with_wider_feed_forward_layers(tmp_path, capsys):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    common = exported_tiny_teacher(tmp_path, steps=1, warmup=1)
-    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--mlp-ratio", "4",
-              "--max-steps", "2", *common])
-    assert "feed-forward widened from ratio 2.0 to 4.0" in (tmp_path / "b" / "train.log").read_text()
-    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000002")
+    common, log, snap = continued_tiny_teacher(tmp_path, "--mlp-ratio", "4")
+    assert "feed-forward widened from ratio 2.0 to 4.0" in log
     assert snap.config.mlp_ratio == 4.0
     snap.save_pretrained(tmp_path / "wide" / "teacher")  # continuing a wide teacher keeps its width by default
     for name in i2v.FROZEN:
@@ -222,8 +230,6 @@ def test_a_teacher_continues_with_wider_feed_forward_layers(tmp_path, capsys):
 
 
 def test_deepen_model_appends_identity_blocks_that_can_learn(tmp_path, capsys):
-    from diffusers import HunyuanVideoTransformer3DModel
-
     from magic_demo.tiny import TinyConfig, build_transformer
 
     torch.manual_seed(0)
@@ -242,11 +248,8 @@ def test_deepen_model_appends_identity_blocks_that_can_learn(tmp_path, capsys):
     with pytest.raises(ValueError, match="single_layers=0 < the model's 1"):
         i2v.deepen_model(shallow, 0)
     # through the trainer: --init a shallower teacher with --single-layers
-    common = exported_tiny_teacher(tmp_path, steps=1, warmup=1)
-    i2v.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "mini"), "--single-layers", "2",
-              "--max-steps", "2", *common])
-    assert "single-stream blocks 1 -> 2; new blocks start as the identity" in (tmp_path / "b" / "train.log").read_text()
-    snap = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "b" / "snapshots" / "step_000002")
+    common, log, snap = continued_tiny_teacher(tmp_path, "--single-layers", "2")
+    assert "single-stream blocks 1 -> 2; new blocks start as the identity" in log
     assert snap.config.num_single_layers == 2
     with pytest.raises(SystemExit):
         i2v.main(["--out", str(tmp_path / "c"), "--single-layers", "0", *common])
